@@ -1,0 +1,34 @@
+# The front door. Every target is one line in README.md.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+ARGS   ?=
+CKPT   ?=
+SPLIT  ?= test
+
+.PHONY: install test lint train translate evaluate clean
+
+install:  ## virtual environment in .venv with torch (CPU build) and the project
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+test:  ## the test suite (CPU, no network)
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check transformer scripts tests
+
+train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8 train.max_minutes=5"]
+	$(BIN)/transformer-train --config $(CONFIG) $(ARGS)
+
+# SENTENCE is read from the environment ("$$SENTENCE") so that quotes in it survive.
+translate:  ## make translate SENTENCE="..." [CKPT=runs/x/best.pt]; without SENTENCE: stdin
+	@$(BIN)/transformer-translate $(if $(CKPT),--ckpt $(CKPT)) $(if $(SENTENCE),-- "$$SENTENCE")
+
+evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data.path=..."]
+	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) --split $(SPLIT) $(ARGS)
+
+clean:  ## remove runs and caches (keeps data/ downloads)
+	rm -rf runs .pytest_cache .ruff_cache

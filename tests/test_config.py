@@ -1,0 +1,95 @@
+"""Config files: round trip, overrides, and one clear error for every bad value."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY_CONFIG
+
+from transformer.config import ConfigError, from_dict, load_config, save_config, to_dict
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_configs_load():
+    for name in ("default", "multi30k", "tiny"):
+        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), [] if name != "multi30k"
+                          else ["data.path=" + os.path.join(ROOT, "tests", "toy_corpus")])
+        assert cfg.name == name
+        assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(TINY_CONFIG, ["model.n_heads=4", "train.lr=0.01"])
+    path = str(tmp_path / "config.yaml")
+    save_config(cfg, path)
+    again = load_config(path)
+    assert to_dict(again) == to_dict(cfg)
+    assert again.model.n_heads == 4 and again.train.lr == 0.01
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY_CONFIG, ["model.d_model=64", "model.share_embeddings=false",
+                                    "train.max_minutes=2", "data.src_lang=de"])
+    assert cfg.model.d_model == 64 and cfg.model.share_embeddings is False
+    assert cfg.train.max_minutes == 2.0 and isinstance(cfg.train.max_minutes, float)
+    with pytest.raises(ConfigError, match="model.n_heads: expected int, got 'four'"):
+        load_config(TINY_CONFIG, ["model.n_heads=four"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(TINY_CONFIG, ["n_heads=4"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  d_modle: 128\n", r"model.d_modle: unknown key"),
+    ("modle:\n  d_model: 128\n", r"modle: unknown section"),
+    ("model:\n  d_model: 100\n  n_heads: 8\n",
+     r"model.d_model: expected a multiple of model.n_heads"),
+    ("model:\n  dropout: 1.0\n", r"model.dropout: expected a value in \[0, 1\)"),
+    ("model:\n  dropout: -0.1\n", r"model.dropout: expected a value in \[0, 1\)"),
+    ("model:\n  n_layers: 2.5\n", r"model.n_layers: expected int"),
+    ("model:\n  norm: middle\n", r"model.norm: expected one of post, pre"),
+    ("train:\n  batch_tokens: 0\n", r"train.batch_tokens: expected a positive integer"),
+    ("data:\n  corpus: multi30k\n  path: /no/such/folder\n", r"data.path: .* does not exist"),
+    ("data:\n  corpus: files\n", r"data.path: expected the folder"),
+    ("data:\n  joint_vocab: false\nmodel:\n  share_embeddings: true\n", r"needs data.joint_vocab"),
+    ("model: [1, 2\n", r"not valid YAML"),
+    ("- just\n- a list\n", r"expected a mapping"),
+])
+def test_bad_values_raise_one_error_naming_file_and_key(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/no/such/config.yaml")
+
+
+def test_yaml_tags_that_build_objects_are_rejected(tmp_path):
+    path = _write(tmp_path, "model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_from_dict_rejects_non_mapping_section():
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        from_dict({"model": 3})
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_config(tmp_path):
+    path = _write(tmp_path, "model:\n  d_modle: 128\n")
+    script = os.path.join(ROOT, "scripts", "train.py")
+    result = subprocess.run([sys.executable, script, "--config", path],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: model.d_modle: unknown key; expected one of d_model, n_heads, n_layers, "
+        "d_ff, dropout, attn_dropout, ff_dropout, positions, norm, share_embeddings, max_positions"
+    ]

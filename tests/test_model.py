@@ -1,0 +1,83 @@
+"""Shapes, causality, padding invariance and weight tying of the Transformer."""
+
+import torch
+from conftest import tiny_model
+
+
+def test_shapes(model):
+    src = torch.randint(4, 23, (3, 7))
+    tgt = torch.randint(4, 23, (3, 5))
+    memory, src_mask = model.encode(src)
+    assert memory.shape == (3, 7, 32)
+    assert src_mask.shape == (3, 1, 1, 7)
+    assert model.decode(tgt, memory, src_mask).shape == (3, 5, 23)
+    assert model(src, tgt).shape == (3, 5, 23)
+
+
+def test_d_k_is_d_model_over_heads(model):
+    for mha in model.attention_modules():
+        assert mha.d_k * mha.n_heads == 32 and mha.d_k == 8
+    # encoder self, decoder self and encoder-decoder attention in each of 2 layers
+    assert len(model.attention_modules()) == 2 + 2 * 2
+
+
+def test_decoder_is_causal(model):
+    src = torch.randint(4, 23, (2, 6))
+    tgt = torch.randint(4, 23, (2, 8))
+    changed = tgt.clone()
+    changed[:, 5:] = torch.randint(4, 23, (2, 3))
+    a, b = model(src, tgt), model(src, changed)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-5)
+    assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def test_extra_padding_changes_nothing(model):
+    src = torch.randint(4, 23, (2, 6))
+    tgt = torch.randint(4, 23, (2, 5))
+    padded_src = torch.cat([src, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    padded_tgt = torch.cat([tgt, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    out = model(src, tgt)
+    assert torch.allclose(model(padded_src, tgt), out, atol=1e-5)
+    assert torch.allclose(model(padded_src, padded_tgt)[:, :5], out, atol=1e-5)
+
+
+def test_padding_in_one_sentence_does_not_change_another(model):
+    a = torch.tensor([[5, 6, 7, 8, 3]])
+    b = torch.tensor([[9, 3, 0, 0, 0]])
+    tgt = torch.tensor([[2, 5, 6]])
+    alone = model(b[:, :2], tgt)
+    together = model(torch.cat([a, b]), tgt.expand(2, 3))[1:]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_all_three_embeddings_share_storage_when_joint():
+    m = tiny_model(share=True)
+    w = m.generator.weight
+    assert m.src_embed.token.weight.data_ptr() == w.data_ptr()
+    assert m.tgt_embed.token.weight.data_ptr() == w.data_ptr()
+
+
+def test_without_sharing_only_target_and_output_are_tied():
+    m = tiny_model(share=False)
+    assert m.tgt_embed.token.weight.data_ptr() == m.generator.weight.data_ptr()
+    assert m.src_embed.token.weight.data_ptr() != m.generator.weight.data_ptr()
+
+
+def test_pre_norm_and_learned_positions_build_and_run():
+    for kw in ({"norm": "pre"}, {"positions": "learned"}):
+        m = tiny_model(**kw)
+        out = m(torch.randint(4, 23, (2, 5)), torch.randint(4, 23, (2, 4)))
+        assert out.shape == (2, 4, 23) and torch.isfinite(out).all()
+    assert isinstance(tiny_model(norm="pre").encoder_norm, torch.nn.LayerNorm)
+    assert isinstance(tiny_model(norm="post").encoder_norm, torch.nn.Identity)
+
+
+def test_changing_heads_and_d_model_changes_the_model():
+    a = tiny_model()
+    b = tiny_model(share=True)
+    assert a.num_parameters() == b.num_parameters()
+    from transformer.config import ModelConfig
+    from transformer.model import Transformer
+    wide = Transformer(ModelConfig(d_model=64, n_heads=8, n_layers=2, d_ff=64), 23, 23)
+    assert wide.attention_modules()[0].n_heads == 8
+    assert wide.num_parameters() > a.num_parameters()

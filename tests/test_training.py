@@ -1,0 +1,170 @@
+"""Learning works, checkpoints round-trip, and the user's commands run end to end."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_CONFIG, TOY, tiny_model
+
+from transformer.batching import collate
+from transformer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from transformer.config import load_config, to_dict
+from transformer.decode import greedy_decode, translate
+from transformer.train import inverse_sqrt_schedule, prepare, train_step
+
+
+def test_overfits_one_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_model(vocab=20, dropout=0.0)
+    src = [[5, 6, 7, 3], [8, 9, 3], [10, 11, 12, 13, 3]]
+    tgt = [[2, 14, 15, 3], [2, 16, 3], [2, 17, 18, 19, 4, 3]]
+    batch = collate(src, tgt)
+    cfg = load_config(TINY_CONFIG, ["train.label_smoothing=0.0", "train.clip_norm=0"]).train
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    first = train_step(model, batch, opt, sched, cfg)["loss"]
+    for _ in range(150):
+        last = train_step(model, batch, opt, sched, cfg)["loss"]
+    assert first > 2.5 and last < 0.05
+    model.eval()
+    decoded = greedy_decode(model, batch.src, max_len=8)
+    assert decoded == [t[1:-1] for t in tgt]
+
+
+def test_schedule_warms_up_then_decays_as_inverse_sqrt():
+    f = inverse_sqrt_schedule(100)
+    assert f(0) == pytest.approx(0.01) and f(99) == pytest.approx(1.0)
+    assert f(399) == pytest.approx(0.5)  # sqrt(100 / 400)
+
+
+def _trained_tiny(tmp_path, steps=40):
+    """A model trained briefly in-process on the toy corpus, and what built it."""
+    cfg = load_config(TINY_CONFIG, [f"data.data_dir={tmp_path}/data"])
+    data = prepare(cfg)
+    from transformer.checkpoint import build
+    torch.manual_seed(0)
+    model = build(cfg, data.tokenizer)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for i, batch in enumerate(data.train.epoch(1)):
+        if i == steps:
+            break
+        train_step(model, batch, opt, sched, cfg.train)
+    state = {"name": cfg.name, "config": to_dict(cfg), "tokenizer": data.tokenizer.to_dict(),
+             "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict(), "step": steps, "epoch": 1, "best_bleu": 0.0}
+    return model, data.tokenizer, cfg, state
+
+
+def test_save_load_translate_gives_identical_output(tmp_path):
+    model, tokenizer, cfg, state = _trained_tiny(tmp_path)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, state)
+    loaded, loaded_tok, loaded_cfg, loaded_state = model_from_checkpoint(path)
+    assert to_dict(loaded_cfg) == to_dict(cfg) and loaded_state["step"] == 40
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    sentences = ["one two three", "nine", "four four five six seven"]
+    assert translate(loaded, loaded_tok, sentences, cfg.decode) == \
+        translate(model, tokenizer, sentences, cfg.decode)
+    # Tied weights stay tied after loading.
+    assert loaded.generator.weight.data_ptr() == loaded.src_embed.token.weight.data_ptr()
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temporary file left
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_refuses_a_checkpoint_that_would_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "x": _RunsCode()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    model, tokenizer, cfg, state = _trained_tiny(tmp_path, steps=1)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def _make(*args, **kw):
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
+    runs = tmp_path / "runs"
+    args = f"train.runs_dir={runs} train.name=e2e data.data_dir={tmp_path}/data"
+    r = _make("train", "CONFIG=configs/tiny.yaml", f"ARGS={args}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = runs / "e2e"
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "spm.joint.model"):
+        assert (run / name).exists(), name
+    ckpt = str(run / "best.pt")
+
+    r = _make("translate", f"CKPT={ckpt}", "SENTENCE=one two three four")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "eins zwei drei vier\n"
+
+    r = _make("translate", f"CKPT={ckpt}", input="five six\n\nseven\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "fünf sechs\n\nsieben\n"  # line alignment kept, empty stays empty
+
+    r = _make("evaluate", f"CKPT={ckpt}")
+    assert r.returncode == 0, r.stderr
+    bleu_line = [line for line in r.stdout.splitlines() if line.startswith("BLEU = ")][0]
+    assert float(bleu_line.split()[2]) > 50  # an untrained model scores about 0
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in bleu_line
+    assert any(line.startswith("chrF = ") for line in r.stdout.splitlines())
+    assert len((run / "best.test.hyp.txt").read_text().splitlines()) == 100
+
+
+def test_missing_corpus_is_one_line_before_any_work(tmp_path):
+    r = subprocess.run([_bin("transformer-train"), "--config", "configs/multi30k.yaml",
+                        "data.path=/no/such/multi30k", f"train.runs_dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: configs/multi30k.yaml (with overrides): data.path: expected a folder holding the "
+        "corpus, but '/no/such/multi30k' does not exist"]
+    assert not os.listdir(tmp_path)
+
+
+def test_translate_with_a_broken_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = subprocess.run([_bin("transformer-translate"), "--ckpt", str(bad), "hello"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "not a readable checkpoint" in r.stderr
+
+
+def test_toy_corpus_is_what_the_generator_writes(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from make_toy_corpus import main
+    main(str(tmp_path))
+    for name in os.listdir(TOY):
+        assert (tmp_path / name).read_text() == open(os.path.join(TOY, name)).read(), name

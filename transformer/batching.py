@@ -1,0 +1,97 @@
+"""Batches by token count, with sentences of similar length together.
+
+A batch of B sentences padded to length L costs B * L positions of compute
+whatever their real length. Sorting by length before packing keeps L close to
+each sentence's own length, so little compute goes to padding; packing up to a
+token budget (not a sentence count) keeps every step about the same size.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import PAD
+
+
+@dataclass
+class Batch:
+    """Padded tensors of one batch: src (B, S), tgt_in (B, T), tgt_out (B, T)."""
+
+    src: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        """Real target tokens, the unit of loss and of throughput."""
+        return int((self.tgt_out != PAD).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+
+
+def pad(seqs: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
+    """List of id lists -> (B, L_max) tensor, padded on the right."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
+    """Sources as they are; targets <s> y </s> split into decoder input and output."""
+    tgt_t = pad(tgt)
+    return Batch(pad(src), tgt_t[:, :-1], tgt_t[:, 1:])
+
+
+def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random | None) -> list:
+    """Group indices so that len(batch) * longest <= batch_tokens.
+
+    With an rng: shuffle first (so equal lengths come in a new order each epoch),
+    sort by length, pack, then shuffle the order of the batches. Without one: the
+    same deterministic batches every time, for evaluation.
+    """
+    order = list(range(len(lengths)))
+    if rng is not None:
+        rng.shuffle(order)
+    order.sort(key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+class BatchIterator:
+    """Token-budget batches over encoded (src, tgt) pairs, reshuffled every epoch."""
+
+    def __init__(self, src: list[list[int]], tgt: list[list[int]], batch_tokens: int,
+                 shuffle: bool, seed: int = 0):
+        assert len(src) == len(tgt)
+        self.src, self.tgt = src, tgt
+        self.batch_tokens = batch_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        # A pair costs max(source length, target length) positions in its batch.
+        self.lengths = [max(len(s), len(t) - 1) for s, t in zip(src, tgt)]
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch; the same epoch number gives the same batches."""
+        rng = random.Random(self.seed * 100_003 + epoch) if self.shuffle else None
+        for idx in token_batches(self.lengths, self.batch_tokens, rng):
+            yield collate([self.src[i] for i in idx], [self.tgt[i] for i in idx])
+
+    def __len__(self) -> int:
+        return len(token_batches(self.lengths, self.batch_tokens, None))

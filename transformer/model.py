@@ -1,0 +1,107 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al., 2017).
+
+Read in the paper's order: embeddings and positions (3.4, 3.5), the encoder
+stack (3.1), the decoder stack (3.1), the output projection and softmax (3.4).
+
+Shape legend, used in the comments of every module:
+    B  batch size            S  source length         T  target length
+    D  d_model               H  number of heads       Dh head size, d_k = D / H
+    V  vocabulary size
+Masks are boolean, True = may attend (see masks.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import MultiHeadAttention
+from .config import ModelConfig
+from .layers import DecoderLayer, Embeddings, EncoderLayer, LearnedPositions, PositionalEncoding
+from .masks import decoder_mask, padding_mask
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer with tied output projection."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        src_vocab: int,
+        tgt_vocab: int,
+        pad_id: int = 0,
+        share_embeddings: bool = False,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.pad_id = pad_id
+        D = cfg.d_model
+
+        # 3.4 Embeddings. The target embedding and the pre-softmax projection share
+        # one matrix; with a joint vocabulary the source embedding is that matrix too.
+        tgt_emb = nn.Embedding(tgt_vocab, D, padding_idx=pad_id)
+        if share_embeddings:
+            assert src_vocab == tgt_vocab, "shared embeddings need one joint vocabulary"
+            src_emb = tgt_emb
+        else:
+            src_emb = nn.Embedding(src_vocab, D, padding_idx=pad_id)
+        for emb in {id(src_emb): src_emb, id(tgt_emb): tgt_emb}.values():
+            nn.init.normal_(emb.weight, std=D**-0.5)  # times sqrt(D) in Embeddings: unit scale
+            nn.init.zeros_(emb.weight[pad_id])
+
+        # 3.5 Positional encoding, one table shared by encoder and decoder.
+        if cfg.positions == "sinusoidal":
+            positions = PositionalEncoding(D, cfg.max_positions)
+        else:
+            positions = LearnedPositions(D, cfg.max_positions)
+        self.src_embed = Embeddings(src_emb, positions, cfg.dropout)
+        self.tgt_embed = Embeddings(tgt_emb, positions, cfg.dropout)
+
+        # 3.1 Encoder and decoder stacks of N identical layers.
+        pre_norm = cfg.norm == "pre"
+        args = (D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout, cfg.ff_dropout, pre_norm)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.n_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.n_layers))
+        # Pre-LN leaves the residual stream un-normalised: normalise once at the top.
+        self.encoder_norm = nn.LayerNorm(D) if pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(D) if pre_norm else nn.Identity()
+
+        # 3.4 Output: a linear map to the vocabulary whose weight is the target embedding.
+        self.generator = nn.Linear(D, tgt_vocab, bias=False)
+        self.generator.weight = tgt_emb.weight
+
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and "embed" not in name and "generator" not in name:
+                nn.init.xavier_uniform_(p)
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src (B, S) ids -> memory (B, S, D) and the source mask (B, 1, 1, S)."""
+        src_mask = padding_mask(src, self.pad_id)
+        x = self.src_embed(src)  # (B, S, D)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x), src_mask
+
+    def decode(
+        self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """tgt (B, T) ids, memory (B, S, D) -> logits (B, T, V) for the next token."""
+        tgt_mask = decoder_mask(tgt, self.pad_id)  # (B, 1, T, T)
+        x = self.tgt_embed(tgt)  # (B, T, D)
+        for layer in self.decoder_layers:
+            x = layer(x, memory, tgt_mask, src_mask)
+        return self.generator(self.decoder_norm(x))  # (B, T, V)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """src (B, S), tgt (B, T) = <bos> y_1 .. y_{T-1} -> logits (B, T, V)."""
+        memory, src_mask = self.encode(src)
+        return self.decode(tgt, memory, src_mask)
+
+    def attention_modules(self):
+        """Every MultiHeadAttention in the model, for switching to the reference path."""
+        return [m for m in self.modules() if isinstance(m, MultiHeadAttention)]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each shared matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
