@@ -6,8 +6,11 @@ CONFIG ?= configs/default.yaml
 ARGS   ?=
 CKPT   ?=
 SPLIT  ?= test
+BEAM   ?=
+RUN    ?=
+LAST   ?=
 
-.PHONY: install test lint train translate evaluate clean
+.PHONY: install test lint train translate evaluate average clean
 
 install:  ## virtual environment in .venv with torch (CPU build) and the project
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +28,15 @@ train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8 train.max_m
 
 # SENTENCE is read from the environment ("$$SENTENCE") so that quotes in it survive.
 translate:  ## make translate SENTENCE="..." [CKPT=runs/x/best.pt]; without SENTENCE: stdin
-	@$(BIN)/transformer-translate $(if $(CKPT),--ckpt $(CKPT)) $(if $(SENTENCE),-- "$$SENTENCE")
+	@$(BIN)/transformer-translate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
+		$(if $(SENTENCE),-- "$$SENTENCE")
 
 evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data.path=..."]
-	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) --split $(SPLIT) $(ARGS)
+	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
+		--split $(SPLIT) $(ARGS)
+
+average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*.pt
+	@$(BIN)/transformer-average $(RUN) $(if $(LAST),--last $(LAST))
 
 clean:  ## remove runs and caches (keeps data/ downloads)
 	rm -rf runs .pytest_cache .ruff_cache

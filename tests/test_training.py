@@ -37,7 +37,7 @@ def test_overfits_one_tiny_batch():
     assert first > 2.5 and last < 0.05
     model.eval()
     decoded = greedy_decode(model, batch.src, max_len=8)
-    assert decoded == [t[1:-1] for t in tgt]
+    assert [h.ids for h in decoded] == [t[1:-1] for t in tgt]
 
 
 def test_schedule_warms_up_then_decays_as_inverse_sqrt():
@@ -135,11 +135,21 @@ def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
 
     r = _make("evaluate", f"CKPT={ckpt}")
     assert r.returncode == 0, r.stderr
-    bleu_line = [line for line in r.stdout.splitlines() if line.startswith("BLEU = ")][0]
-    assert float(bleu_line.split()[2]) > 50  # an untrained model scores about 0
-    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in bleu_line
-    assert any(line.startswith("chrF = ") for line in r.stdout.splitlines())
+    lines = {line.split("=")[0].strip(): line for line in r.stdout.splitlines() if " = " in line}
+    assert float(lines["BLEU"].split("=")[1].split()[0]) > 50  # untrained: about 0
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in lines["BLEU"]
+    assert "case:lc" in lines["BLEU lowercase"]
+    assert "chrF" in lines
     assert len((run / "best.test.hyp.txt").read_text().splitlines()) == 100
+
+    # Three step checkpoints kept, averaged at the end and again by `make average`.
+    assert len(list(run.glob("step-*.pt"))) == 3 and (run / "average.pt").exists()
+    (run / "average.pt").unlink()
+    r = _make("average", f"RUN={run}", "LAST=2")
+    assert r.returncode == 0 and "the average of 2 checkpoints" in r.stdout, r.stderr
+    r = _make("evaluate", f"CKPT={run / 'average.pt'}", "BEAM=3")
+    assert r.returncode == 0, r.stderr
+    assert "beam 3" in r.stdout and (run / "average.test.beam3.hyp.txt").exists()
 
 
 def test_missing_corpus_is_one_line_before_any_work(tmp_path):
@@ -160,6 +170,20 @@ def test_translate_with_a_broken_checkpoint_is_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "not a readable checkpoint" in r.stderr
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
+    from transformer.checkpoint import average_checkpoints
+    _, _, _, state = _trained_tiny(tmp_path, steps=2)
+    a, b = dict(state), dict(state)
+    b["model"] = {k: v + 1.0 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint(str(tmp_path / "step-000001.pt"), a)
+    save_checkpoint(str(tmp_path / "step-000002.pt"), b)
+    avg = average_checkpoints([str(tmp_path / "step-000001.pt"), str(tmp_path / "step-000002.pt")])
+    for k, v in state["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(avg["model"][k], v + 0.5), k
+    assert "optimizer" not in avg
 
 
 def test_toy_corpus_is_what_the_generator_writes(tmp_path):

@@ -72,12 +72,28 @@ class MultiHeadAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
-        """query (B, Tq, D), key and value (B, Tk, D), mask -> (B, Tq, D)."""
+        """query (B, Tq, D), key and value (B, Tk, D), mask -> (B, Tq, D).
+
+        cache (incremental decoding): a dict this module fills with its keys and
+        values "k", "v" (B, H, L, Dh). For self-attention (static=False) each call
+        appends the new positions; for encoder-decoder attention (static=True) the
+        memory is projected on the first call and reused after.
+        """
         B, Tq, D = query.shape
         q = self._split_heads(self.w_q(query))  # (B, H, Tq, Dh)
-        k = self._split_heads(self.w_k(key))  # (B, H, Tk, Dh)
-        v = self._split_heads(self.w_v(value))  # (B, H, Tk, Dh)
+        if cache is not None and static and "k" in cache:
+            k, v = cache["k"], cache["v"]  # (B, H, S, Dh), projected once per sentence
+        else:
+            k = self._split_heads(self.w_k(key))  # (B, H, Tk, Dh)
+            v = self._split_heads(self.w_v(value))  # (B, H, Tk, Dh)
+            if cache is not None:
+                if not static and "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)  # (B, H, L + Tk, Dh)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
         p = self.dropout if self.training else 0.0
         if self.use_reference:
             out, self.last_weights = reference_attention(q, k, v, mask, p)

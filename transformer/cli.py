@@ -11,12 +11,19 @@ import glob
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, model_from_checkpoint
-from .config import ConfigError, from_dict, load_config, parse_override, to_dict
+from .checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    model_from_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+)
+from .config import ConfigError, load_config, with_overrides
 from .data import DataError, columns, load_corpus
 from .decode import translate
 from .evaluate import score
@@ -90,9 +97,11 @@ def _translate(argv: list[str]) -> int:
     p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     args = p.parse_args(argv)
     ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
     model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
+    cfg = _with_beam(cfg, args.beam)
     device = pick_device(args.device)
     model.to(device)
     if args.sentences:
@@ -122,6 +131,13 @@ def _print_translations(model, tokenizer, lines, cfg, device) -> None:
     sys.stdout.flush()
 
 
+def _with_beam(cfg, beam: int | None):
+    """The config with decode.beam_size set from --beam, checked like any config value."""
+    if beam is None:
+        return cfg
+    return with_overrides(cfg, [f"decode.beam_size={beam}"], "--beam", check_paths=False)
+
+
 def translate_main(argv: list[str] | None = None) -> int:
     return _run(_translate, argv)
 
@@ -135,33 +151,33 @@ def _evaluate(argv: list[str]) -> int:
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     p.add_argument("overrides", nargs="*", metavar="data.key=value",
                    help="where to find the corpus now, e.g. data.path=../shared/multi30k")
     args = p.parse_args(argv)
     ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
     model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
-    if args.overrides:
-        raw = to_dict(cfg)
-        for text in args.overrides:
-            section, key, value = parse_override(text)
-            if section != "data":
-                raise ConfigError(f"override {text!r}: evaluate takes data.* overrides only")
-            raw[section][key] = value
-        cfg = from_dict(raw, source=f"{ckpt} (with overrides)", name=cfg.name)
+    cfg = with_overrides(cfg, args.overrides, ckpt, sections=("data",))
+    cfg = _with_beam(cfg, args.beam)
     corpus = load_corpus(cfg.data)
     if args.split not in corpus:
         raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
     device = pick_device(args.device)
     model.to(device)
     src, refs = columns(corpus[args.split])
+    start = time.time()
     hyps = translate(model, tokenizer, src, cfg.decode, device)
+    seconds = time.time() - start
+    beam = cfg.decode.beam_size
+    search = "greedy" if beam == 1 else f"beam {beam}, length penalty {cfg.decode.length_penalty}"
     out = os.path.join(os.path.dirname(ckpt) or ".",
-                       f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}.hyp.txt")
+                       f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}"
+                       f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
     with open(out, "w", encoding="utf-8") as f:
         f.write("".join(h + "\n" for h in hyps))
     s = score(hyps, refs)
-    print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}, "
-          f"{len(hyps)} sentences, greedy")
+    print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}: "
+          f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
     for line in s.lines():
         print(line)
     print(f"hypotheses: {out}")
@@ -170,3 +186,28 @@ def _evaluate(argv: list[str]) -> int:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     return _run(_evaluate, argv)
+
+
+# --- average ---------------------------------------------------------------------------
+
+def _average(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="transformer-average",
+                                description="Average the last step checkpoints of a run.")
+    p.add_argument("run", help="run folder with step-*.pt (train.keep_checkpoints > 0)")
+    p.add_argument("--last", type=int, default=0, help="how many (default: all kept)")
+    args = p.parse_args(argv)
+    paths = step_checkpoints(args.run)
+    if args.last:
+        paths = paths[-args.last:]
+    if not paths:
+        raise CheckpointError(f"{args.run}: no step-*.pt checkpoints; train with "
+                              "train.keep_checkpoints=10 to keep them")
+    out = os.path.join(args.run, "average.pt")
+    save_checkpoint(out, average_checkpoints(paths))
+    print(f"{out}: the average of {len(paths)} checkpoints "
+          f"({os.path.basename(paths[0])} .. {os.path.basename(paths[-1])})")
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    return _run(_average, argv)

@@ -84,6 +84,10 @@ class TrainConfig:
     eval_every: int = 500  # steps between evaluations (and at the end)
     eval_bleu_sentences: int = 0  # decode this many validation sentences for BLEU; 0: all
     log_every: int = 50
+    patience: int = 0  # stop after this many evaluations without a better BLEU; 0: never
+    # Also keep the weights of the last N evaluations as step-<step>.pt (for averaging).
+    keep_checkpoints: int = 0
+    average_at_end: bool = False  # write average.pt, the mean of those N, when training ends
     seed: int = 1
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
@@ -97,7 +101,9 @@ class DecodeConfig:
 
     max_len_a: float = 1.5  # stop after a * source length + b tokens
     max_len_b: int = 10
-    batch_size: int = 64  # sentences decoded together
+    batch_size: int = 64  # sentences decoded together (divided by the beam size)
+    beam_size: int = 1  # 1: greedy search
+    length_penalty: float = 1.0  # beam search ranks log-probability / length**length_penalty
 
 
 @dataclass(frozen=True)
@@ -209,11 +215,14 @@ def _validate(cfg: Config, source: str, check_paths: bool) -> None:
          t.label_smoothing)
     for key in ("max_epochs", "eval_every", "log_every"):
         need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
-    for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences"):
+    for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
+                "keep_checkpoints", "patience"):
         need(getattr(t, key) >= 0, f"train.{key}", "0 or more", getattr(t, key))
     need(dec.max_len_a >= 0 and dec.max_len_b > 0, "decode.max_len_a/max_len_b",
          "a >= 0 and b > 0", (dec.max_len_a, dec.max_len_b))
     need(dec.batch_size > 0, "decode.batch_size", "a positive integer", dec.batch_size)
+    need(dec.beam_size > 0, "decode.beam_size", "a positive integer (1: greedy)", dec.beam_size)
+    need(dec.length_penalty >= 0, "decode.length_penalty", "0 or more", dec.length_penalty)
 
 
 def shares_embeddings(cfg: Config) -> bool:
@@ -294,6 +303,20 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
     source = path + (" (with overrides)" if overrides else "")
     name = os.path.splitext(os.path.basename(path))[0]
     return from_dict(raw, source, name)
+
+
+def with_overrides(cfg: Config, overrides: list[str], source: str,
+                   sections: tuple[str, ...] = tuple(SECTIONS), check_paths: bool = True) -> Config:
+    """A copy of cfg with dotted overrides applied to the given sections, validated again."""
+    raw = to_dict(cfg)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in sections:
+            raise ConfigError(f"override {text!r}: only {', '.join(sections)} keys can be "
+                              "changed here")
+        raw[section][key] = value
+    return from_dict(raw, source=f"{source} (with overrides)", name=cfg.name,
+                     check_paths=check_paths)
 
 
 def save_config(cfg: Config, path: str) -> None:

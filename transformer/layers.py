@@ -27,8 +27,8 @@ class PositionalEncoding(nn.Module):
         pe[:, 1::2] = torch.cos(position * div[: d_model // 2])
         self.register_buffer("pe", pe, persistent=False)  # (L, D)
 
-    def forward(self, length: int) -> torch.Tensor:
-        return self.pe[:length]  # (L, D)
+    def forward(self, length: int, start: int = 0) -> torch.Tensor:
+        return self.pe[start:start + length]  # (L, D)
 
 
 class LearnedPositions(nn.Module):
@@ -39,8 +39,8 @@ class LearnedPositions(nn.Module):
         self.emb = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.emb.weight, std=d_model**-0.5)
 
-    def forward(self, length: int) -> torch.Tensor:
-        return self.emb.weight[:length]  # (L, D)
+    def forward(self, length: int, start: int = 0) -> torch.Tensor:
+        return self.emb.weight[start:start + length]  # (L, D)
 
 
 class Embeddings(nn.Module):
@@ -53,9 +53,9 @@ class Embeddings(nn.Module):
         self.scale = math.sqrt(token.embedding_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, D)."""
-        x = self.token(ids) * self.scale + self.positions(ids.size(1))
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, L) ids at positions start .. start + L - 1 -> (B, L, D)."""
+        x = self.token(ids) * self.scale + self.positions(ids.size(1), start)
         return self.dropout(x)
 
 
@@ -124,11 +124,21 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         memory: torch.Tensor,
-        tgt_mask: torch.Tensor,
+        tgt_mask: torch.Tensor | None,
         src_mask: torch.Tensor,
+        cache: dict | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D), memory (B, S, D), tgt_mask (B, 1, T, T), src_mask (B, 1, 1, S)."""
-        x = self.res_self(x, lambda y: self.self_attn(y, y, y, tgt_mask))
+        """x (B, T, D), memory (B, S, D), tgt_mask (B, 1, T, T), src_mask (B, 1, 1, S).
+
+        With a cache (incremental decoding) x is the newest position only, (B, 1, D):
+        its self-attention reads the keys and values cached from earlier steps, and
+        the encoder-decoder attention reuses the memory projected at the first step.
+        """
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
+        x = self.res_self(x, lambda y: self.self_attn(y, y, y, tgt_mask, self_cache))
         # Queries from the decoder, keys and values from the encoder (section 3.2.3).
-        x = self.res_cross(x, lambda y: self.cross_attn(y, memory, memory, src_mask))
+        x = self.res_cross(
+            x, lambda y: self.cross_attn(y, memory, memory, src_mask, cross_cache, static=True))
         return self.res_ff(x, self.ff)

@@ -83,14 +83,33 @@ class Transformer(nn.Module):
         return self.encoder_norm(x), src_mask
 
     def decode(
-        self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor,
+        cache: list[dict] | None = None,
     ) -> torch.Tensor:
-        """tgt (B, T) ids, memory (B, S, D) -> logits (B, T, V) for the next token."""
-        tgt_mask = decoder_mask(tgt, self.pad_id)  # (B, 1, T, T)
-        x = self.tgt_embed(tgt)  # (B, T, D)
-        for layer in self.decoder_layers:
-            x = layer(x, memory, tgt_mask, src_mask)
+        """tgt (B, T) ids, memory (B, S, D) -> logits (B, T, V) for the next token.
+
+        With a cache from `new_cache()`, tgt is only the newest token (B, 1): the
+        decoder layers keep the keys and values of earlier steps, so one step costs
+        one position, not the whole prefix. No mask is needed then: the newest
+        position may attend to every earlier one.
+        """
+        if cache is None:
+            tgt_mask, start = decoder_mask(tgt, self.pad_id), 0  # (B, 1, T, T)
+        else:
+            assert tgt.size(1) == 1, "incremental decoding takes one new token at a time"
+            tgt_mask, start = None, cached_length(cache)
+        x = self.tgt_embed(tgt, start)  # (B, T, D)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, tgt_mask, src_mask, None if cache is None else cache[i])
         return self.generator(self.decoder_norm(x))  # (B, T, V)
+
+    def new_cache(self) -> list[dict]:
+        """An empty key/value cache, one dict per decoder layer."""
+        return [{} for _ in self.decoder_layers]
+
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt (B, T) = <bos> y_1 .. y_{T-1} -> logits (B, T, V)."""
@@ -105,3 +124,16 @@ class Transformer(nn.Module):
         """Trainable parameters, each shared matrix counted once."""
         return sum(p.numel() for p in self.parameters())
 
+
+def cached_length(cache: list[dict]) -> int:
+    """How many target positions a decoder cache holds."""
+    self_kv = cache[0].get("self", {}) if cache else {}
+    return self_kv["k"].size(2) if "k" in self_kv else 0
+
+
+def reorder_cache(cache: list[dict], index: torch.Tensor) -> None:
+    """Keep the rows `index` of every cached tensor (beam search reorders hypotheses)."""
+    for layer in cache:
+        for kv in layer.values():
+            for name in kv:
+                kv[name] = kv[name].index_select(0, index)

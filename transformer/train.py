@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .batching import Batch, BatchIterator
-from .checkpoint import build, save_checkpoint
+from .checkpoint import average_checkpoints, build, save_checkpoint, step_checkpoints
 from .config import Config, TrainConfig, save_config, to_dict
 from .data import columns, load_corpus
 from .decode import translate
@@ -156,6 +156,7 @@ def train(cfg: Config) -> str:
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     best_bleu = -1.0
+    evals_since_best = 0
     step, epoch = 0, 0
     start = time.time()
     window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.time()
@@ -173,10 +174,10 @@ def train(cfg: Config) -> str:
         }
 
     def evaluate_and_save() -> None:
-        nonlocal best_bleu
+        nonlocal best_bleu, evals_since_best
         n = t.eval_bleu_sentences or len(data.valid_src)
         valid_loss = validation_loss(model, data.valid, device)
-        hyps = translate(model, data.tokenizer, data.valid_src[:n], cfg.decode, device)
+        hyps = translate(model, data.tokenizer, data.valid_src[:n], cfg.decode, device, beam=1)
         bleu = score(hyps, data.valid_ref[:n]).bleu
         record = {"step": step, "epoch": epoch, "valid_loss": round(valid_loss, 4),
                   "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
@@ -184,16 +185,25 @@ def train(cfg: Config) -> str:
         write_metrics(record)
         log.info("eval step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | e.g. %r", step,
                  valid_loss, record["valid_ppl"], bleu, hyps[0][:80] if hyps else "")
+        evals_since_best += 1
         if bleu > best_bleu:
-            best_bleu = bleu
+            best_bleu, evals_since_best = bleu, 0
             save_checkpoint(os.path.join(run_dir, "best.pt"), checkpoint_state())
         save_checkpoint(os.path.join(run_dir, "last.pt"), checkpoint_state())
+        if t.keep_checkpoints:
+            weights_only = {k: v for k, v in checkpoint_state().items()
+                            if k not in ("optimizer", "scheduler")}
+            save_checkpoint(os.path.join(run_dir, f"step-{step:06d}.pt"), weights_only)
+            for old in step_checkpoints(run_dir)[:-t.keep_checkpoints]:
+                os.unlink(old)
 
     def out_of_budget() -> str | None:
         if t.max_steps and step >= t.max_steps:
             return f"train.max_steps={t.max_steps}"
         if t.max_minutes and time.time() - start >= 60 * t.max_minutes:
             return f"train.max_minutes={t.max_minutes}"
+        if t.patience and evals_since_best >= t.patience:
+            return f"train.patience={t.patience} (no better validation BLEU)"
         return None
 
     progress = tqdm(total=t.max_steps or None, unit="step", dynamic_ncols=True, disable=None)
@@ -232,6 +242,17 @@ def train(cfg: Config) -> str:
     progress.close()
     if last_eval != step:
         evaluate_and_save()
+    if t.average_at_end and t.keep_checkpoints:
+        paths = step_checkpoints(run_dir)
+        averaged = average_checkpoints(paths)
+        save_checkpoint(os.path.join(run_dir, "average.pt"), averaged)
+        model.load_state_dict(averaged["model"])
+        n = t.eval_bleu_sentences or len(data.valid_src)
+        hyps = translate(model, data.tokenizer, data.valid_src[:n], cfg.decode, device, beam=1)
+        bleu = score(hyps, data.valid_ref[:n]).bleu
+        write_metrics({"step": step, "average_of": len(paths), "valid_bleu": round(bleu, 2)})
+        log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", len(paths), bleu,
+                 os.path.join(run_dir, "average.pt"))
     minutes = (time.time() - start) / 60
     log.info("stopped by %s after %d steps, %d epochs, %.1f minutes; best valid BLEU %.2f",
              stop_reason, step, epoch, minutes, best_bleu)

@@ -1,0 +1,91 @@
+"""Decoding speed, measured side by side in one process.
+
+1. Cached against uncached greedy decoding: 50 generated tokens at batch size 1,
+   with the multi30k model's sizes (random weights: speed does not depend on them).
+2. With --ckpt: the time to translate a whole split with beam search.
+
+    python scripts/bench_decode.py [--ckpt runs/x/average.pt --beam 5 ARGS...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from transformer.checkpoint import model_from_checkpoint
+from transformer.config import load_config, with_overrides
+from transformer.data import columns, load_corpus
+from transformer.decode import translate
+from transformer.model import Transformer
+from transformer.tokenizer import BOS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@torch.no_grad()
+def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> float:
+    """Seconds to generate n tokens (the argmax each step, never stopping early)."""
+    start = time.perf_counter()
+    memory, src_mask = model.encode(src)
+    ys = torch.full((src.size(0), 1), BOS, dtype=torch.long)
+    cache = model.new_cache() if use_cache else None
+    for _ in range(n):
+        inp = ys[:, -1:] if use_cache else ys
+        logits = model.decode(inp, memory, src_mask, cache)[:, -1]
+        ys = torch.cat([ys, logits.argmax(-1, keepdim=True)], dim=1)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ckpt", help="also time translating a split with this checkpoint")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", default="runs/bench_decode.json")
+    p.add_argument("overrides", nargs="*", help="data.* overrides for --ckpt, e.g. data.path=...")
+    args = p.parse_args()
+
+    cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
+                      [f"data.path={ROOT}/tests/toy_corpus"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, 8000, 8000, share_embeddings=True).eval()
+    src = torch.randint(4, 8000, (1, 20))
+    steps(model, src, 5, True), steps(model, src, 5, False)  # warm up
+    cached, uncached = [], []
+    for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
+        cached.append(steps(model, src, args.tokens, True))
+        uncached.append(steps(model, src, args.tokens, False))
+    result = {"tokens": args.tokens, "batch": 1, "threads": torch.get_num_threads(),
+              "cached_s": statistics.median(cached), "uncached_s": statistics.median(uncached)}
+    result["speedup"] = result["uncached_s"] / result["cached_s"]
+    print(f"greedy, {args.tokens} tokens, batch 1, {result['threads']} threads: "
+          f"cached {result['cached_s'] * 1000:.1f} ms, uncached {result['uncached_s'] * 1000:.1f} "
+          f"ms, speed-up {result['speedup']:.1f}x (median of {args.repeats})")
+
+    if args.ckpt:
+        model, tokenizer, ckpt_cfg, _ = model_from_checkpoint(args.ckpt)
+        ckpt_cfg = with_overrides(ckpt_cfg, args.overrides, args.ckpt, sections=("data",))
+        sentences = columns(load_corpus(ckpt_cfg.data)[args.split])[0]
+        start = time.perf_counter()
+        translate(model, tokenizer, sentences, ckpt_cfg.decode, beam=args.beam)
+        seconds = time.perf_counter() - start
+        result.update({"split": args.split, "sentences": len(sentences), "beam": args.beam,
+                       "translate_s": seconds})
+        print(f"{args.ckpt}: {len(sentences)} sentences of {args.split}, beam {args.beam}: "
+              f"{seconds:.1f} s ({len(sentences) / seconds:.0f} sentences/s)")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

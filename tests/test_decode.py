@@ -1,0 +1,82 @@
+"""Cached decoding equals recomputing the prefix; beam 1 equals greedy; batches equal singles."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from transformer.batching import pad
+from transformer.decode import beam_search, greedy_decode, greedy_decode_uncached
+from transformer.model import cached_length
+from transformer.tokenizer import EOS
+
+
+@pytest.fixture(scope="module")
+def peaked_model():
+    """A random model whose output is peaked enough to produce </s> sometimes."""
+    m = tiny_model(vocab=17)
+    with torch.no_grad():
+        m.generator.weight.mul_(3.0)
+    return m
+
+
+def _sources(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(4, 17, (int(torch.randint(2, 9, (1,), generator=g)),),
+                          generator=g).tolist() + [EOS] for _ in range(n)]
+    return seqs
+
+
+def test_cache_steps_match_full_decoding_logits(model):
+    src = torch.randint(4, 23, (2, 6))
+    tgt = torch.randint(4, 23, (2, 7))
+    memory, src_mask = model.encode(src)
+    full = model.decode(tgt, memory, src_mask)  # (B, T, V)
+    cache = model.new_cache()
+    steps = [model.decode(tgt[:, t:t + 1], memory, src_mask, cache) for t in range(7)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert cached_length(cache) == 7
+
+
+def test_cached_greedy_equals_uncached_tokens_and_scores(peaked_model):
+    src = pad(_sources())
+    fast = greedy_decode(peaked_model, src, max_len=20)
+    slow = greedy_decode_uncached(peaked_model, src, max_len=20)
+    assert [h.ids for h in fast] == [h.ids for h in slow]
+    for a, b in zip(fast, slow):
+        assert abs(a.score - b.score) < 1e-5
+
+
+def test_beam_one_equals_greedy(peaked_model):
+    src = pad(_sources(seed=1))
+    greedy = greedy_decode(peaked_model, src, max_len=15)
+    beam = beam_search(peaked_model, src, [15] * src.size(0), beam=1)
+    assert [h.ids for h in beam] == [h.ids for h in greedy]
+    for a, b in zip(beam, greedy):
+        assert abs(a.score - b.score) < 1e-4
+
+
+def test_wider_beam_finds_a_hypothesis_at_least_as_likely(peaked_model):
+    src = pad(_sources(seed=2))
+    greedy = greedy_decode(peaked_model, src, max_len=12)
+    beam = beam_search(peaked_model, src, [12] * src.size(0), beam=4, length_penalty=0.0)
+    for g, b in zip(greedy, beam):
+        if g.ids and len(g.ids) < 12:  # greedy finished with </s>
+            assert b.score >= g.score - 1e-4
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_batch_gives_the_same_output_as_one_by_one(peaked_model, beam):
+    seqs = _sources(n=5, seed=3)
+    lens = [10] * len(seqs)
+    search = (lambda s, m: greedy_decode(peaked_model, s, m)) if beam == 1 else \
+        (lambda s, m: beam_search(peaked_model, s, m, beam))
+    together = search(pad(seqs), lens)
+    alone = [search(pad([s]), [10])[0] for s in seqs]
+    assert [h.ids for h in together] == [h.ids for h in alone]
+
+
+def test_per_sentence_max_length_is_respected(peaked_model):
+    src = pad(_sources(n=3, seed=4))
+    for hyps in (greedy_decode(peaked_model, src, [1, 2, 3]),
+                 beam_search(peaked_model, src, [1, 2, 3], beam=2)):
+        assert [len(h.ids) <= n for h, n in zip(hyps, [1, 2, 3])] == [True] * 3
