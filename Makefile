@@ -9,6 +9,7 @@ SPLIT  ?= test
 BEAM   ?=
 RUN    ?=
 LAST   ?=
+RESUME ?=
 
 .PHONY: install test lint train translate evaluate average clean
 
@@ -23,8 +24,8 @@ test:  ## the test suite (CPU, no network)
 lint:
 	$(BIN)/ruff check transformer scripts tests
 
-train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8 train.max_minutes=5"]
-	$(BIN)/transformer-train --config $(CONFIG) $(ARGS)
+train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8"] [RESUME=runs/x]
+	$(BIN)/transformer-train --config $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
 # SENTENCE is read from the environment ("$$SENTENCE") so that quotes in it survive.
 translate:  ## make translate SENTENCE="..." [CKPT=runs/x/best.pt]; without SENTENCE: stdin

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY_CONFIG
 
+from conftest import ROOT, TINY_CONFIG
 from transformer.config import ConfigError, from_dict, load_config, save_config, to_dict
 
 

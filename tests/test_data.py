@@ -7,9 +7,9 @@ import sqlite3
 import zipfile
 
 import pytest
-from conftest import MULTI30K, TOY
 
 import transformer.data as data_mod
+from conftest import MULTI30K, TOY
 from transformer.batching import BatchIterator, token_batches
 from transformer.config import DataConfig
 from transformer.data import DataError, clean_verse, load_bible, load_corpus, load_local

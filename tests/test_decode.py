@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from transformer.batching import pad
 from transformer.decode import beam_search, greedy_decode, greedy_decode_uncached
 from transformer.model import cached_length

@@ -1,6 +1,7 @@
 """Shapes, causality, padding invariance and weight tying of the Transformer."""
 
 import torch
+
 from conftest import tiny_model
 
 

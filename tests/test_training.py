@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIG, TOY, tiny_model
 
+from conftest import ROOT, TINY_CONFIG, TOY, tiny_model
 from transformer.batching import collate
 from transformer.checkpoint import (
     CheckpointError,

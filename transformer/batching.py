@@ -87,10 +87,10 @@ class BatchIterator:
         # A pair costs max(source length, target length) positions in its batch.
         self.lengths = [max(len(s), len(t) - 1) for s, t in zip(src, tgt)]
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        """The batches of one epoch; the same epoch number gives the same batches."""
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch from the start-th on; the same epoch gives the same batches."""
         rng = random.Random(self.seed * 100_003 + epoch) if self.shuffle else None
-        for idx in token_batches(self.lengths, self.batch_tokens, rng):
+        for idx in token_batches(self.lengths, self.batch_tokens, rng)[start:]:
             yield collate([self.src[i] for i in idx], [self.tgt[i] for i in idx])
 
     def __len__(self) -> int:

@@ -27,6 +27,8 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write state to path atomically."""
+    for stale in glob.glob(f"{glob.escape(path)}.tmp*"):  # left by a killed process
+        os.unlink(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -90,11 +92,20 @@ def model_from_checkpoint(path: str) -> tuple[Transformer, Tokenizer, Config, di
                         check_paths=False)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    tokenizer = Tokenizer.from_dict(state["tokenizer"])
+    try:
+        tokenizer = Tokenizer.from_dict(state["tokenizer"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the tokenizer in it cannot be read ({e})") from None
+    weights = state.get("model", {})
+    for name, vocab in (("src_embed.token.weight", tokenizer.src_vocab),
+                        ("tgt_embed.token.weight", tokenizer.tgt_vocab)):
+        if name in weights and weights[name].size(0) != vocab:
+            raise CheckpointError(f"{path}: the tokenizer has {vocab} pieces but the weights "
+                                  f"expect {weights[name].size(0)}; they do not belong together")
     model = build(cfg, tokenizer)
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not match the saved config "
                               f"({str(e).splitlines()[0]})") from None
     return model, tokenizer, cfg, state

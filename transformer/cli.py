@@ -27,7 +27,7 @@ from .config import ConfigError, load_config, with_overrides
 from .data import DataError, columns, load_corpus
 from .decode import translate
 from .evaluate import score
-from .train import RunError, pick_device, train
+from .train import Interrupted, RunError, pick_device, resume, train
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError)
 
@@ -55,6 +55,9 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -74,11 +77,20 @@ def latest_checkpoint(runs_dir: str = "runs") -> str:
 def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="transformer-train", description="Train a translation model.")
     p.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue runs/<name> from its last.pt (train.* overrides allowed)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. model.n_heads=8 train.max_minutes=5")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg)
+    run = args.resume
+    if run is None:
+        cfg = load_config(args.config, args.overrides)
+        run = cfg.train.resume
+    if run is not None:
+        overrides = [o for o in args.overrides if not o.startswith("train.resume=")]
+        run_dir = resume(run, overrides)
+    else:
+        run_dir = train(cfg)
     print(run_dir)
     return 0
 

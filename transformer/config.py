@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between evaluations (and at the end)
     eval_bleu_sentences: int = 0  # decode this many validation sentences for BLEU; 0: all
     log_every: int = 50
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     patience: int = 0  # stop after this many evaluations without a better BLEU; 0: never
     # Also keep the weights of the last N evaluations as step-<step>.pt (for averaging).
     keep_checkpoints: int = 0
@@ -93,6 +94,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
     name: str | None = None  # run folder name; None: <config name>-<timestamp>
     runs_dir: str = "runs"
+    resume: str | None = None  # a run folder to continue from its last.pt
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ def _validate(cfg: Config, source: str, check_paths: bool) -> None:
          "two numbers in [0, 1)", t.betas)
     need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)",
          t.label_smoothing)
-    for key in ("max_epochs", "eval_every", "log_every"):
+    for key in ("max_epochs", "eval_every", "log_every", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
     for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
                 "keep_checkpoints", "patience"):
@@ -279,13 +281,28 @@ def to_dict(cfg: Config) -> dict:
     return out
 
 
+class _SafeNoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no tags that build objects), refusing anchors and aliases too.
+
+    A config never needs them, and aliases nested in aliases can expand a small file
+    into billions of nodes.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("anchors and aliases (&name, *name) are not allowed in a config")
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply dotted overrides, validate, freeze."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_SafeNoAliasLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -8,6 +8,7 @@ recomputes the prefix each step: it is the reference the cache is tested against
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from .batching import pad
 from .config import DecodeConfig
 from .model import Transformer, reorder_cache
 from .tokenizer import BOS, EOS, PAD, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,7 +162,12 @@ def translate(
     beam = cfg.beam_size if beam is None else beam
     model.eval()
     limit = model.cfg.max_positions - 1  # room for </s> (source) and <s> (target)
-    ids = [s[:limit - 1] + [EOS] if len(s) > limit else s for s in tokenizer.encode_src(sentences)]
+    ids = tokenizer.encode_src(sentences)
+    for i, s in enumerate(ids):
+        if len(s) > limit:
+            log.warning("a sentence of %d tokens is longer than the model's %d: truncated",
+                        len(s), limit)
+            ids[i] = s[:limit - 1] + [EOS]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     batch_size = max(1, cfg.batch_size // beam)  # a beam multiplies the rows

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from .batching import Batch, BatchIterator
 from .checkpoint import average_checkpoints, build, save_checkpoint, step_checkpoints
-from .config import Config, TrainConfig, save_config, to_dict
+from .config import Config, TrainConfig, from_dict, save_config, to_dict, with_overrides
 from .data import columns, load_corpus
 from .decode import translate
 from .evaluate import score
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
-    """A run that cannot start (an unwritable run folder, ...); one line for the user."""
+    """A run that cannot start or go on (an unwritable run folder, ...); one line for the user."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,18 +62,27 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) 
 
 def train_step(model: Transformer, batch: Batch, optimizer: torch.optim.Optimizer,
                scheduler, cfg: TrainConfig) -> dict:
-    """Forward, backward and update on one batch; the loss is per real target token."""
+    """Forward, backward and update on one batch; the loss is per real target token.
+
+    A non-finite loss or gradient skips the update (returned as skipped=True), so
+    that one bad batch cannot write inf or nan into the weights.
+    """
     model.train()
     n_tokens = batch.n_tokens
     logits = model(batch.src, batch.tgt_in)  # (B, T, V)
     loss = loss_fn(logits, batch.tgt_out, cfg.label_smoothing) / n_tokens
     optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return {"loss": loss.item(), "tokens": n_tokens, "skipped": True}
     loss.backward()
-    if cfg.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "tokens": n_tokens, "skipped": True}
     optimizer.step()
     scheduler.step()
-    return {"loss": loss.item(), "tokens": n_tokens}
+    return {"loss": loss.item(), "tokens": n_tokens, "skipped": False}
 
 
 @torch.no_grad()
@@ -112,8 +126,10 @@ def prepare(cfg: Config) -> Prepared:
     train = BatchIterator([src_ids[i] for i in keep], [tgt_ids[i] for i in keep],
                           cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed)
     valid_src, valid_ref = columns(corpus["valid"])
-    v_src = [s[:limit] for s in tokenizer.encode_src(valid_src)]
-    v_tgt = [t[:limit] for t in tokenizer.encode_tgt(valid_ref)]
+    # Validation keeps long pairs (no length filter), cut only to what the model can hold.
+    most = cfg.model.max_positions
+    v_src = [s[:most] for s in tokenizer.encode_src(valid_src)]
+    v_tgt = [t[:most + 1] for t in tokenizer.encode_tgt(valid_ref)]
     valid = BatchIterator(v_src, v_tgt, cfg.train.batch_tokens, shuffle=False)
     return Prepared(tokenizer, train, valid, valid_src, valid_ref)
 
@@ -133,129 +149,234 @@ def make_run_dir(cfg: Config) -> str:
     return run_dir
 
 
-def train(cfg: Config) -> str:
-    """Train a model as the config says; returns the run folder."""
-    random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    run_dir = make_run_dir(cfg)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    data = prepare(cfg)
-    data.tokenizer.save(run_dir)
+class Trainer:
+    """The training loop: budgets, logging, evaluation, checkpoints, resuming, signals."""
 
-    model = build(cfg, data.tokenizer).to(device)
-    t = cfg.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=t.betas, eps=1e-9,
-                                 weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(t.warmup_steps))
-    log.info("run folder %s | device %s | %d threads | %s parameters | %d training pairs, "
-             "%d batches an epoch", run_dir, device, torch.get_num_threads(),
-             f"{model.num_parameters():,}", len(data.train.src), len(data.train))
+    def __init__(self, cfg: Config, run_dir: str, resume: dict | None = None):
+        self.cfg, self.t, self.run_dir = cfg, cfg.train, run_dir
+        random.seed(self.t.seed)
+        torch.manual_seed(self.t.seed)
+        if self.t.threads:
+            torch.set_num_threads(self.t.threads)
+        self.device = pick_device(self.t.device)
+        if resume is None:
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        self.data = prepare(cfg)
+        self.data.tokenizer.save(run_dir)
+        self.model = build(cfg, self.data.tokenizer).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=self.t.betas,
+                                          eps=1e-9, weight_decay=self.t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, inverse_sqrt_schedule(self.t.warmup_steps))
+        # Where the run stands: all of it goes into every checkpoint.
+        self.step = 0  # optimizer updates made
+        self.epoch = 1  # the epoch in progress
+        self.batch_in_epoch = 0  # batches of this epoch already used
+        self.best_bleu = -1.0
+        self.evals_since_best = 0
+        self.bad_steps = 0  # non-finite losses in a row
+        self.elapsed = 0.0  # seconds of training before this process started
+        if resume is not None:
+            self._load(resume)
+        self.signals: list[int] = []
 
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    best_bleu = -1.0
-    evals_since_best = 0
-    step, epoch = 0, 0
-    start = time.time()
-    window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.time()
+    # --- checkpoints -----------------------------------------------------------------
+    def state(self, full: bool = True) -> dict:
+        """A self-sufficient checkpoint; full=False leaves out optimizer and position."""
+        state = {
+            "name": self.cfg.name, "config": to_dict(self.cfg),
+            "tokenizer": self.data.tokenizer.to_dict(), "model": self.model.state_dict(),
+            "step": self.step, "epoch": self.epoch, "best_bleu": self.best_bleu,
+        }
+        if full:
+            state.update({
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "batch_in_epoch": self.batch_in_epoch,
+                "evals_since_best": self.evals_since_best,
+                "elapsed": self.elapsed + time.time() - self.start,
+                "rng_torch": torch.get_rng_state(),
+                "rng_python": random.getstate(),
+            })
+        return state
 
-    def write_metrics(record: dict) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
+    def _load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.best_bleu, self.evals_since_best = state["best_bleu"], state["evals_since_best"]
+        self.elapsed = state["elapsed"]
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["rng_python"])
+
+    def save(self, name: str, full: bool = True) -> str:
+        path = os.path.join(self.run_dir, name)
+        try:
+            save_checkpoint(path, self.state(full))
+        except OSError as e:
+            raise RunError(f"cannot write {path}: {e.strerror or e}; the previous "
+                           "checkpoint is intact") from None
+        return path
+
+    # --- evaluation ------------------------------------------------------------------
+    def write_metrics(self, record: dict) -> None:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def checkpoint_state() -> dict:
-        return {
-            "name": cfg.name, "config": to_dict(cfg), "tokenizer": data.tokenizer.to_dict(),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-            "best_bleu": best_bleu,
-        }
+    def valid_bleu(self) -> tuple[float, list[str]]:
+        n = self.t.eval_bleu_sentences or len(self.data.valid_src)
+        hyps = translate(self.model, self.data.tokenizer, self.data.valid_src[:n],
+                         self.cfg.decode, self.device, beam=1)
+        return score(hyps, self.data.valid_ref[:n]).bleu, hyps
 
-    def evaluate_and_save() -> None:
-        nonlocal best_bleu, evals_since_best
-        n = t.eval_bleu_sentences or len(data.valid_src)
-        valid_loss = validation_loss(model, data.valid, device)
-        hyps = translate(model, data.tokenizer, data.valid_src[:n], cfg.decode, device, beam=1)
-        bleu = score(hyps, data.valid_ref[:n]).bleu
-        record = {"step": step, "epoch": epoch, "valid_loss": round(valid_loss, 4),
+    def evaluate_and_save(self) -> None:
+        """Validation loss and greedy BLEU; last.pt always, best.pt when BLEU improves."""
+        valid_loss = validation_loss(self.model, self.data.valid, self.device)
+        bleu, hyps = self.valid_bleu()
+        minutes = (self.elapsed + time.time() - self.start) / 60
+        record = {"step": self.step, "epoch": self.epoch, "valid_loss": round(valid_loss, 4),
                   "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
-                  "valid_bleu": round(bleu, 2), "minutes": round((time.time() - start) / 60, 2)}
-        write_metrics(record)
-        log.info("eval step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | e.g. %r", step,
+                  "valid_bleu": round(bleu, 2), "minutes": round(minutes, 2)}
+        self.write_metrics(record)
+        log.info("eval step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | e.g. %r", self.step,
                  valid_loss, record["valid_ppl"], bleu, hyps[0][:80] if hyps else "")
-        evals_since_best += 1
-        if bleu > best_bleu:
-            best_bleu, evals_since_best = bleu, 0
-            save_checkpoint(os.path.join(run_dir, "best.pt"), checkpoint_state())
-        save_checkpoint(os.path.join(run_dir, "last.pt"), checkpoint_state())
-        if t.keep_checkpoints:
-            weights_only = {k: v for k, v in checkpoint_state().items()
-                            if k not in ("optimizer", "scheduler")}
-            save_checkpoint(os.path.join(run_dir, f"step-{step:06d}.pt"), weights_only)
-            for old in step_checkpoints(run_dir)[:-t.keep_checkpoints]:
+        self.evals_since_best += 1
+        if bleu > self.best_bleu:
+            self.best_bleu, self.evals_since_best = bleu, 0
+            self.save("best.pt")
+        self.save("last.pt")
+        if self.t.keep_checkpoints:
+            self.save(f"step-{self.step:06d}.pt", full=False)
+            for old in step_checkpoints(self.run_dir)[:-self.t.keep_checkpoints]:
                 os.unlink(old)
 
-    def out_of_budget() -> str | None:
-        if t.max_steps and step >= t.max_steps:
+    def average(self) -> None:
+        """average.pt: the mean of the kept step checkpoints, with its validation BLEU."""
+        paths = step_checkpoints(self.run_dir)
+        averaged = average_checkpoints(paths)
+        save_checkpoint(os.path.join(self.run_dir, "average.pt"), averaged)
+        self.model.load_state_dict(averaged["model"])
+        bleu, _ = self.valid_bleu()
+        self.write_metrics({"step": self.step, "average_of": len(paths),
+                            "valid_bleu": round(bleu, 2)})
+        log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", len(paths), bleu,
+                 os.path.join(self.run_dir, "average.pt"))
+
+    # --- the loop --------------------------------------------------------------------
+    def out_of_budget(self) -> str | None:
+        t = self.t
+        if t.max_steps and self.step >= t.max_steps:
             return f"train.max_steps={t.max_steps}"
-        if t.max_minutes and time.time() - start >= 60 * t.max_minutes:
+        if t.max_minutes and self.elapsed + time.time() - self.start >= 60 * t.max_minutes:
             return f"train.max_minutes={t.max_minutes}"
-        if t.patience and evals_since_best >= t.patience:
+        if t.patience and self.evals_since_best >= t.patience:
             return f"train.patience={t.patience} (no better validation BLEU)"
+        if self.epoch > t.max_epochs:
+            return f"train.max_epochs={t.max_epochs}"
         return None
 
-    progress = tqdm(total=t.max_steps or None, unit="step", dynamic_ncols=True, disable=None)
-    stop_reason, last_eval = None, -1
-    while stop_reason is None:
-        epoch += 1
-        for batch in data.train.epoch(epoch):
-            m = train_step(model, batch.to(device), optimizer, scheduler, t)
-            step += 1
-            window_tokens += m["tokens"]
-            window_loss += m["loss"]
-            window_steps += 1
-            progress.update(1)
-            if step % t.log_every == 0:
-                elapsed = time.time() - window_start
-                record = {"step": step, "epoch": epoch,
-                          "loss": round(window_loss / window_steps, 4),
-                          "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": round(window_tokens / max(elapsed, 1e-9))}
-                write_metrics(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=record["tokens_per_s"])
-                log.info("step %d | epoch %d | loss %.3f | lr %.2e | %d tokens/s", step, epoch,
-                         record["loss"], record["lr"], record["tokens_per_s"])
-                window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.time()
-            if step % t.eval_every == 0:
-                evaluate_and_save()
-                last_eval = step
-                # Keep evaluation time out of the next tokens/s figure.
-                window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.time()
-            stop_reason = out_of_budget()
-            if stop_reason:
-                break
-        if stop_reason is None and epoch >= t.max_epochs:
-            stop_reason = f"train.max_epochs={t.max_epochs}"
-    progress.close()
-    if last_eval != step:
-        evaluate_and_save()
-    if t.average_at_end and t.keep_checkpoints:
-        paths = step_checkpoints(run_dir)
-        averaged = average_checkpoints(paths)
-        save_checkpoint(os.path.join(run_dir, "average.pt"), averaged)
-        model.load_state_dict(averaged["model"])
-        n = t.eval_bleu_sentences or len(data.valid_src)
-        hyps = translate(model, data.tokenizer, data.valid_src[:n], cfg.decode, device, beam=1)
-        bleu = score(hyps, data.valid_ref[:n]).bleu
-        write_metrics({"step": step, "average_of": len(paths), "valid_bleu": round(bleu, 2)})
-        log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", len(paths), bleu,
-                 os.path.join(run_dir, "average.pt"))
-    minutes = (time.time() - start) / 60
-    log.info("stopped by %s after %d steps, %d epochs, %.1f minutes; best valid BLEU %.2f",
-             stop_reason, step, epoch, minutes, best_bleu)
-    log.info("checkpoints: %s and %s", os.path.join(run_dir, "best.pt"),
-             os.path.join(run_dir, "last.pt"))
-    return run_dir
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)  # acted on after the current step
+
+    def run(self) -> str:
+        t = self.t
+        self.start = time.time()
+        log.info("run folder %s | device %s | %d threads | %s parameters | %d training pairs, "
+                 "%d batches an epoch%s", self.run_dir, self.device, torch.get_num_threads(),
+                 f"{self.model.num_parameters():,}", len(self.data.train.src),
+                 len(self.data.train),
+                 f" | resumed at step {self.step}" if self.step else "")
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
+                        dynamic_ncols=True, disable=None)
+        tokens, loss_sum, n, skipped, window_start = 0, 0.0, 0, 0, time.time()
+        last_eval = self.step if self.step else -1
+        try:
+            stop = self.out_of_budget()
+            while stop is None:
+                for batch in self.data.train.epoch(self.epoch, start=self.batch_in_epoch):
+                    m = train_step(self.model, batch.to(self.device), self.optimizer,
+                                   self.scheduler, t)
+                    self.batch_in_epoch += 1
+                    if m["skipped"]:
+                        self.bad_steps += 1
+                        skipped += 1
+                        if self.bad_steps >= t.max_bad_steps:
+                            raise RunError(
+                                f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                                f"stopped. The last good checkpoint is "
+                                f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
+                    else:
+                        self.bad_steps = 0
+                        self.step += 1
+                        tokens, loss_sum, n = tokens + m["tokens"], loss_sum + m["loss"], n + 1
+                        progress.update(1)
+                    if self.signals:
+                        path = self.save("last.pt")
+                        raise Interrupted(
+                            f"interrupted at step {self.step}: saved {path}; resume with "
+                            f"`make train RESUME={self.run_dir}`")
+                    if m["skipped"]:
+                        continue
+                    if self.step % t.log_every == 0:
+                        seconds = time.time() - window_start
+                        record = {"step": self.step, "epoch": self.epoch,
+                                  "loss": round(loss_sum / max(n, 1), 4),
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  "tokens_per_s": round(tokens / max(seconds, 1e-9)),
+                                  "skipped": skipped}
+                        self.write_metrics(record)
+                        progress.set_postfix(loss=f"{record['loss']:.3f}",
+                                             lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
+                        log.info("step %d | epoch %d | loss %.3f | lr %.2e | %d tokens/s%s",
+                                 self.step, self.epoch, record["loss"], record["lr"],
+                                 record["tokens_per_s"],
+                                 f" | {skipped} skipped (non-finite)" if skipped else "")
+                        tokens, loss_sum, n, skipped, window_start = 0, 0.0, 0, 0, time.time()
+                    if self.step % t.eval_every == 0:
+                        self.evaluate_and_save()
+                        last_eval = self.step
+                        window_start = time.time()  # evaluation is not training time
+                    stop = self.out_of_budget()
+                    if stop:
+                        break
+                else:  # the epoch ran out
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    stop = self.out_of_budget()
+        finally:
+            progress.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if last_eval != self.step:
+            self.evaluate_and_save()
+        if t.average_at_end and t.keep_checkpoints:
+            self.average()
+        log.info("stopped by %s at step %d, epoch %d, after %.1f minutes; best valid BLEU %.2f",
+                 stop, self.step, self.epoch, (self.elapsed + time.time() - self.start) / 60,
+                 self.best_bleu)
+        log.info("checkpoints: %s and %s", os.path.join(self.run_dir, "best.pt"),
+                 os.path.join(self.run_dir, "last.pt"))
+        return self.run_dir
+
+
+def train(cfg: Config) -> str:
+    """Train a model as the config says; returns the run folder."""
+    return Trainer(cfg, make_run_dir(cfg)).run()
+
+
+def resume(run_dir: str, overrides: list[str] = ()) -> str:
+    """Continue the run in run_dir from its last.pt, exactly where it stopped.
+
+    overrides may change train.* keys only (say, a larger train.max_steps).
+    """
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    path = os.path.join(run_dir, "last.pt")
+    state = load_checkpoint(path)
+    if "optimizer" not in state or "rng_torch" not in state:
+        raise CheckpointError(f"{path}: has no training state to resume from")
+    cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"])
+    cfg = with_overrides(cfg, list(overrides), path, sections=("train",))
+    return Trainer(cfg, run_dir, resume=state).run()

@@ -1,0 +1,187 @@
+"""Runs survive interruption, files are data, and users' input never crashes the tools."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import transformer.train as train_mod
+from conftest import ROOT, TINY_CONFIG
+from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from transformer.config import ConfigError, load_config
+from transformer.train import RunError, Trainer, make_run_dir, resume, train, train_step
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(TINY_CONFIG, [f"train.runs_dir={tmp_path}/runs",
+                                     f"data.data_dir={tmp_path}/data", "model.dropout=0.1",
+                                     "train.log_every=1", "train.keep_checkpoints=0",
+                                     "train.average_at_end=false", *overrides])
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_gives_the_same_losses_and_weights(tmp_path):
+    # With 4096-token batches the toy corpus is a few batches an epoch: 30 steps cross
+    # epoch boundaries, and the split at 15 falls inside an epoch.
+    common = ["train.batch_tokens=4096", "train.eval_every=1000"]
+    one = train(_cfg(tmp_path, "train.name=one", "train.max_steps=30", *common))
+    two = train(_cfg(tmp_path, "train.name=two", "train.max_steps=15", *common))
+    assert load_checkpoint(os.path.join(two, "last.pt"))["step"] == 15
+    resume(two, ["train.max_steps=30"])
+    assert _losses(one) == _losses(two) and len(_losses(one)) == 30
+    a = load_checkpoint(os.path.join(one, "last.pt"))
+    b = load_checkpoint(os.path.join(two, "last.pt"))
+    assert a["epoch"] == b["epoch"] and a["epoch"] >= 2  # the boundary was crossed
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path):
+    args = [_bin("transformer-train"), "--config", TINY_CONFIG, f"train.runs_dir={tmp_path}",
+            "train.name=sig", f"data.data_dir={tmp_path}/data", "train.max_steps=100000",
+            "train.log_every=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and f"RESUME={tmp_path}/sig" in last
+    state = load_checkpoint(str(tmp_path / "sig" / "last.pt"))
+    assert state["step"] >= 1 and "optimizer" in state
+
+
+def test_sigkill_while_saving_leaves_a_readable_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    writer = (
+        "import sys, torch\n"
+        "from transformer.checkpoint import save_checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    save_checkpoint(sys.argv[1], {'step': i, 'w': torch.full((500_000,), float(i))})\n"
+        "    print(i, flush=True)\n"
+    )
+    for delay in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE)
+        proc.stdout.readline()  # the first save is done: now kill it during a later one
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        state = load_checkpoint(str(path))  # the old or the new one, never half of one
+        assert torch.equal(state["w"], torch.full((500_000,), float(state["step"])))
+
+
+def test_non_finite_loss_skips_the_update(tmp_path):
+    cfg = _cfg(tmp_path)
+    trainer = Trainer(cfg, make_run_dir(_cfg(tmp_path, "train.name=nan")))
+    batch = next(trainer.data.train.epoch(1))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        trainer.model.generator.weight[5, 0] = float("nan")
+    m = train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train)
+    assert m["skipped"]
+    for k, v in trainer.model.state_dict().items():
+        if k != "generator.weight" and "embed" not in k:
+            assert torch.equal(v, before[k]), k
+
+
+def test_many_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path,
+                                                                               monkeypatch):
+    cfg = _cfg(tmp_path, "train.name=bad", "train.max_steps=20", "train.eval_every=10",
+               "train.max_bad_steps=5")
+    run = train(cfg)
+    good = load_checkpoint(os.path.join(run, "last.pt"))
+    monkeypatch.setattr(train_mod, "train_step",
+                        lambda *a: {"loss": float("nan"), "tokens": 1, "skipped": True})
+    with pytest.raises(RunError, match="5 non-finite losses in a row at step 20; stopped"):
+        resume(run, ["train.max_steps=40"])
+    after = load_checkpoint(os.path.join(run, "last.pt"))
+    assert after["step"] == good["step"] == 20
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = train(_cfg(tmp_path, "train.name=disk", "train.max_steps=10", "train.eval_every=5"))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_mod, "save_checkpoint", full)
+    with pytest.raises(RunError, match="No space left on device; the previous checkpoint"):
+        resume(run, ["train.max_steps=20"])
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 10
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunError, match="cannot write the run folder"):
+        make_run_dir(load_config(TINY_CONFIG, [f"train.runs_dir={blocker}"]))
+
+
+def test_checkpoint_with_wrong_shapes_or_tokenizer_is_refused(tmp_path):
+    run = train(_cfg(tmp_path, "train.name=shape", "train.max_steps=2"))
+    path = os.path.join(run, "best.pt")
+    state = load_checkpoint(path)
+    from transformer.checkpoint import save_checkpoint
+    state["config"]["model"]["d_ff"] = 128
+    save_checkpoint(str(tmp_path / "shape.pt"), state)
+    with pytest.raises(CheckpointError, match="weights do not match the saved config"):
+        model_from_checkpoint(str(tmp_path / "shape.pt"))
+    other = train(_cfg(tmp_path, "train.name=vocab", "train.max_steps=2", "data.vocab_size=30"))
+    state = load_checkpoint(path)
+    state["tokenizer"] = load_checkpoint(os.path.join(other, "best.pt"))["tokenizer"]
+    save_checkpoint(str(tmp_path / "tok.pt"), state)
+    with pytest.raises(CheckpointError, match="tokenizer has .* pieces but the weights expect"):
+        model_from_checkpoint(str(tmp_path / "tok.pt"))
+
+
+def test_yaml_anchors_and_aliases_are_rejected(tmp_path):
+    path = tmp_path / "alias.yaml"
+    path.write_text("model: &m\n  d_model: 32\ndata: *m\n")
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_config(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run = train(_cfg(tmp, "train.name=t", "train.max_steps=200", "train.log_every=50"))
+    return os.path.join(run, "best.pt")
+
+
+def test_translate_survives_strange_input_and_keeps_alignment(tiny_ckpt):
+    lines = ["one two", "", "   ", "\x00\x07 control \x1b[31m", "emoji 🙂🚀", "日本語のテキスト",
+             "one " * 300, "ünïcödé", "three"]
+    r = subprocess.run([_bin("transformer-translate"), "--ckpt", tiny_ckpt],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split("\n")[:-1]
+    assert len(out) == len(lines)
+    assert out[1] == "" and out[2] == ""
+    assert "longer than the model's 63: truncated" in r.stderr
+
+
+def test_ten_thousand_lines_stream_through(tiny_ckpt):
+    lines = ["one two three"] * 10_000
+    r = subprocess.run([_bin("transformer-translate"), "--ckpt", tiny_ckpt],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert len(out) == 10_000 and len(set(out)) == 1
