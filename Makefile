@@ -11,7 +11,7 @@ RUN    ?=
 LAST   ?=
 RESUME ?=
 
-.PHONY: install test lint train translate evaluate average clean
+.PHONY: install test lint train translate evaluate average bench bench-decode clean
 
 install:  ## virtual environment in .venv with torch (CPU build) and the project
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data
 
 average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*.pt
 	@$(BIN)/transformer-average $(RUN) $(if $(LAST),--last $(LAST))
+
+bench:  ## training speed against torch.nn.Transformer, FLOP/s, batching, memory (minutes)
+	$(BIN)/python scripts/bench_train.py
+
+bench-decode:  ## cached vs uncached decoding; with CKPT=..., the time to translate test, beam 5
+	$(BIN)/python scripts/bench_decode.py $(if $(CKPT),--ckpt $(CKPT) --beam $(or $(BEAM),5)) $(ARGS)
 
 clean:  ## remove runs and caches (keeps data/ downloads)
 	rm -rf runs .pytest_cache .ruff_cache

@@ -108,11 +108,12 @@ class Prepared:
     valid_ref: list[str]
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Load the corpus, train or load the tokenizer, encode and batch."""
+def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
+    """Load the corpus, train or load the tokenizer (unless given), encode and batch."""
     corpus = load_corpus(cfg.data)
     train_src, train_tgt = columns(corpus["train"])
-    tokenizer = load_or_train(cfg.data, train_src, train_tgt)
+    if tokenizer is None:
+        tokenizer = load_or_train(cfg.data, train_src, train_tgt)
     src_ids, tgt_ids = tokenizer.encode_src(train_src), tokenizer.encode_tgt(train_tgt)
     limit = cfg.model.max_positions
     if cfg.data.max_tokens:
@@ -161,7 +162,9 @@ class Trainer:
         self.device = pick_device(self.t.device)
         if resume is None:
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        self.data = prepare(cfg)
+        # A resumed run keeps the tokenizer its weights were trained with.
+        tokenizer = None if resume is None else Tokenizer.from_dict(resume["tokenizer"])
+        self.data = prepare(cfg, tokenizer)
         self.data.tokenizer.save(run_dir)
         self.model = build(cfg, self.data.tokenizer).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=self.t.betas,

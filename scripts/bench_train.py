@@ -1,0 +1,246 @@
+"""Training speed, measured side by side in one process (make bench).
+
+1. Training-step throughput (target tokens/s, forward + backward + Adam step) of our
+   model against a reference of identical size built on torch.nn.Transformer (same
+   embeddings, vocabulary, batches, threads), for the default and multi30k sizes.
+2. Achieved FLOP/s of our step (counted by torch.utils.flop_counter) as a fraction of
+   this machine's float32 matmul peak, measured in the same run.
+3. Batching on Multi30k: real over padded target tokens of our token-budget batches
+   against batches of a fixed number of random sentences, and the epoch time of both.
+4. Peak resident memory of `transformer-train` on the default config (a short run).
+
+    python scripts/bench_train.py [--quick] [--json runs/bench_train.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from transformer.batching import BatchIterator, collate
+from transformer.config import ModelConfig, load_config
+from transformer.data import columns, load_corpus
+from transformer.layers import PositionalEncoding
+from transformer.model import Transformer
+from transformer.tokenizer import PAD, load_or_train
+from transformer.train import loss_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI30K = os.path.join(os.path.dirname(ROOT), "shared", "multi30k")
+
+
+class Reference(nn.Module):
+    """The same model on torch.nn.Transformer: shared embeddings, sinusoids, tied output."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, cfg.d_model, padding_idx=PAD)
+        self.pe = PositionalEncoding(cfg.d_model, cfg.max_positions)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.core = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.n_layers,
+                                   cfg.d_ff, cfg.dropout, batch_first=True,
+                                   norm_first=cfg.norm == "pre")
+        self.scale = math.sqrt(cfg.d_model)
+
+    def embed(self, ids):
+        return self.drop(self.emb(ids) * self.scale + self.pe(ids.size(1)))
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
+        out = self.core(self.embed(src), self.embed(tgt), tgt_mask=causal,
+                        src_key_padding_mask=src == PAD, tgt_key_padding_mask=tgt == PAD,
+                        memory_key_padding_mask=src == PAD, tgt_is_causal=True)
+        return F.linear(out, self.emb.weight)
+
+
+def step_fn(model, optimizer):
+    def step(batch):
+        logits = model(batch.src, batch.tgt_in)
+        loss = loss_fn(logits, batch.tgt_out, 0.1) / batch.n_tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int) -> dict:
+    """Ours and the reference on the same batches, interleaved round by round."""
+    torch.manual_seed(0)
+    ours = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
+    ref = Reference(cfg, vocab).train()
+    steps = {
+        "ours": step_fn(ours, torch.optim.Adam(ours.parameters(), 1e-4)),
+        "reference": step_fn(ref, torch.optim.Adam(ref.parameters(), 1e-4)),
+    }
+    tokens = sum(b.n_tokens for b in batches)
+    for step in steps.values():  # warm up
+        step(batches[0])
+    seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for b in batches:
+                step(b)
+            seconds[name].append(time.perf_counter() - start)
+    with FlopCounterMode(display=False) as counter:
+        steps["ours"](batches[0])
+    flops_per_token = counter.get_total_flops() / batches[0].n_tokens
+    out = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+    return {"ours_tokens_per_s": out["ours"], "reference_tokens_per_s": out["reference"],
+            "ratio": out["ours"] / out["reference"],
+            "params": ours.num_parameters(), "flops_per_token": flops_per_token,
+            "achieved_flops": flops_per_token * out["ours"]}
+
+
+def random_batches(src, tgt, sentences: int, seed: int = 0):
+    order = list(range(len(src)))
+    random.Random(seed).shuffle(order)
+    for i in range(0, len(order), sentences):
+        idx = order[i:i + sentences]
+        yield collate([src[j] for j in idx], [tgt[j] for j in idx])
+
+
+def epoch_time(cfg: ModelConfig, vocab: int, batches) -> tuple[float, float]:
+    """Seconds for one epoch over batches, and the share of it spent making batches."""
+    torch.manual_seed(0)
+    model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
+    step = step_fn(model, torch.optim.Adam(model.parameters(), 1e-4))
+    start, batching = time.perf_counter(), 0.0
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        batching += time.perf_counter() - t0
+        if batch is None:
+            break
+        step(batch)
+    total = time.perf_counter() - start
+    return total, batching / total
+
+
+def peak_memory_of_train() -> float:
+    """Peak RSS (MB) of transformer-train on the default config, 60 steps."""
+    exe = os.path.join(os.path.dirname(sys.executable), "transformer-train")
+    subprocess.run([exe, "--config", os.path.join(ROOT, "configs", "default.yaml"),
+                    "train.max_steps=60", "train.eval_every=60", "train.eval_bleu_sentences=50",
+                    "train.runs_dir=/tmp/bench-train-runs", "train.name=memory"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def profile(name: str, vocab: int, batches: list) -> int:
+    """torch.profiler's table of one training step, operators by their own CPU time."""
+    from torch.profiler import profile as torch_profile
+
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                      [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+    model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
+    step = step_fn(model, torch.optim.Adam(model.parameters(), 1e-4))
+    for b in batches[:2]:
+        step(b)
+    with torch_profile() as prof:
+        for b in batches[2:5]:
+            step(b)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer batches and rounds")
+    p.add_argument("--json", default="runs/bench_train.json")
+    p.add_argument("--skip-epochs", action="store_true", help="skip the two epoch timings")
+    p.add_argument("--profile", choices=["default", "multi30k"],
+                   help="only profile one training step of this model size and print where "
+                        "the time goes")
+    args = p.parse_args()
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    data_cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
+                           [f"data.path={MULTI30K}"]).data
+    corpus = load_corpus(data_cfg)
+    src_text, tgt_text = columns(corpus["train"])
+    tok = load_or_train(data_cfg, src_text, tgt_text)
+    src, tgt = tok.encode_src(src_text), tok.encode_tgt(tgt_text)
+    vocab = tok.src_vocab
+
+    if args.profile:
+        return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)))
+
+    peak = matmul_peak()
+    result["matmul_peak_flops"] = peak
+    print(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({result['threads']} threads)")
+
+    ours_batches = BatchIterator(src, tgt, 4096, shuffle=True, seed=0)
+    sample = list(ours_batches.epoch(1))[: 4 if args.quick else 12]
+    print(f"\n{'model':10} {'params':>8} {'ours tok/s':>11} {'nn.Transformer':>15} "
+          f"{'ratio':>6} {'GFLOP/s':>8} {'of peak':>8}")
+    for name in ("default", "multi30k"):
+        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                          [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+        r = throughput(cfg, vocab, sample, rounds=2 if args.quick else 3)
+        r["fraction_of_peak"] = r["achieved_flops"] / peak
+        result[name] = r
+        print(f"{name:10} {r['params'] / 1e6:7.2f}M {r['ours_tokens_per_s']:11.0f} "
+              f"{r['reference_tokens_per_s']:15.0f} {r['ratio']:6.2f} "
+              f"{r['achieved_flops'] / 1e9:8.1f} {r['fraction_of_peak']:8.0%}")
+
+    def efficiency(batches):
+        real = padded = 0
+        for b in batches:
+            real += b.n_tokens
+            padded += b.tgt_out.numel()
+        return real / padded
+
+    ours_eff = efficiency(ours_batches.epoch(1))
+    random_eff = efficiency(random_batches(src, tgt, 128))
+    result["batching"] = {"ours_real_over_padded": ours_eff,
+                          "random_128_real_over_padded": random_eff}
+    print(f"\nMulti30k target tokens that are real: token-budget length-bucketed batches "
+          f"{ours_eff:.1%}, 128 random sentences a batch {random_eff:.1%}")
+    if not args.skip_epochs:
+        cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
+                          [f"data.path={MULTI30K}"]).model
+        ours_s, ours_share = epoch_time(cfg, vocab, ours_batches.epoch(1))
+        rand_s, rand_share = epoch_time(cfg, vocab, random_batches(src, tgt, 128))
+        result["batching"].update({"ours_epoch_s": ours_s, "random_epoch_s": rand_s,
+                                   "ours_batching_share": ours_share})
+        print(f"Multi30k epoch, multi30k model: ours {ours_s:.0f} s (making batches "
+              f"{ours_share:.1%} of it), random batches {rand_s:.0f} s")
+
+    result["train_peak_rss_mb"] = peak_memory_of_train()
+    print(f"\npeak resident memory of transformer-train (default config, 60 steps): "
+          f"{result['train_peak_rss_mb']:.0f} MB")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwritten: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
