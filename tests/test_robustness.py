@@ -185,3 +185,12 @@ def test_ten_thousand_lines_stream_through(tiny_ckpt):
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert len(out) == 10_000 and len(set(out)) == 1
+
+
+def test_step_checkpoints_on_their_own_cadence_include_the_last_step(tmp_path):
+    run = train(_cfg(tmp_path, "train.name=cadence", "train.max_steps=25", "train.eval_every=1000",
+                     "train.save_every=10", "train.keep_checkpoints=2",
+                     "train.average_at_end=true"))
+    names = sorted(p for p in os.listdir(run) if p.startswith("step-"))
+    assert names == ["step-000020.pt", "step-000025.pt"]
+    assert os.path.exists(os.path.join(run, "average.pt"))

@@ -86,8 +86,10 @@ class TrainConfig:
     log_every: int = 50
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     patience: int = 0  # stop after this many evaluations without a better BLEU; 0: never
-    # Also keep the weights of the last N evaluations as step-<step>.pt (for averaging).
+    # Also keep the weights of the last N step checkpoints, step-<step>.pt (for averaging),
+    # written every save_every steps (0: at every evaluation).
     keep_checkpoints: int = 0
+    save_every: int = 0
     average_at_end: bool = False  # write average.pt, the mean of those N, when training ends
     seed: int = 1
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
@@ -218,7 +220,7 @@ def _validate(cfg: Config, source: str, check_paths: bool) -> None:
     for key in ("max_epochs", "eval_every", "log_every", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
     for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
-                "keep_checkpoints", "patience"):
+                "keep_checkpoints", "save_every", "patience"):
         need(getattr(t, key) >= 0, f"train.{key}", "0 or more", getattr(t, key))
     need(dec.max_len_a >= 0 and dec.max_len_b > 0, "decode.max_len_a/max_len_b",
          "a >= 0 and b > 0", (dec.max_len_a, dec.max_len_b))

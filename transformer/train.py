@@ -250,6 +250,11 @@ class Trainer:
             self.best_bleu, self.evals_since_best = bleu, 0
             self.save("best.pt")
         self.save("last.pt")
+        if not self.t.save_every:
+            self.save_step_checkpoint()
+
+    def save_step_checkpoint(self) -> None:
+        """step-<step>.pt (weights only) for averaging; only the newest keep_checkpoints stay."""
         if self.t.keep_checkpoints:
             self.save(f"step-{self.step:06d}.pt", full=False)
             for old in step_checkpoints(self.run_dir)[:-self.t.keep_checkpoints]:
@@ -338,6 +343,8 @@ class Trainer:
                                  record["tokens_per_s"],
                                  f" | {skipped} skipped (non-finite)" if skipped else "")
                         tokens, loss_sum, n, skipped, window_start = 0, 0.0, 0, 0, time.time()
+                    if t.save_every and self.step % t.save_every == 0:
+                        self.save_step_checkpoint()
                     if self.step % t.eval_every == 0:
                         self.evaluate_and_save()
                         last_eval = self.step
@@ -354,6 +361,8 @@ class Trainer:
                 signal.signal(s, h)
         if last_eval != self.step:
             self.evaluate_and_save()
+        if t.save_every and self.step % t.save_every:
+            self.save_step_checkpoint()  # the final weights are among those averaged
         if t.average_at_end and t.keep_checkpoints:
             self.average()
         log.info("stopped by %s at step %d, epoch %d, after %.1f minutes; best valid BLEU %.2f",
