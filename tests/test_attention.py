@@ -1,9 +1,13 @@
-"""The fast attention path equals the written-out reference, masks included."""
+"""The fast attention path equals the written-out reference, masks included; both scores."""
 
+import pytest
 import torch
 
-from transformer.attention import MultiHeadAttention, reference_attention
-from transformer.masks import causal_mask, decoder_mask, padding_mask
+from conftest import tiny_model
+from transformer.attention import MultiHeadAttention, additive_scores, reference_attention
+from transformer.masks import causal_mask, padding_mask
+
+IDS = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 7, 8, 9, 1], [5, 0, 0, 0, 0, 0]])
 
 
 def _qkv(B=3, H=4, Tq=5, Tk=6, Dh=8):
@@ -12,13 +16,23 @@ def _qkv(B=3, H=4, Tq=5, Tk=6, Dh=8):
             torch.randn(B, H, Tk, Dh, generator=g))
 
 
-def test_reference_weights_are_a_distribution_over_allowed_keys():
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_reference_weights_are_a_distribution_over_allowed_keys(score):
     q, k, v = _qkv()
-    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 7, 8, 9, 1], [5, 0, 0, 0, 0, 0]])
-    mask = padding_mask(ids, 0)
-    _, w = reference_attention(q, k, v, mask)
+    mask = padding_mask(IDS, 0)
+    scores = additive_scores(q, k, torch.randn(4, 8)) if score == "additive" else None
+    _, w = reference_attention(q, k, v, mask, scores=scores)
     assert torch.allclose(w.sum(-1), torch.ones(3, 4, 5))
     assert (w.masked_select(~mask.expand_as(w)) == 0).all()
+
+
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_causal_weights_are_lower_triangular(score):
+    q, k, v = _qkv(Tq=6)
+    scores = additive_scores(q, k, torch.randn(4, 8)) if score == "additive" else None
+    _, w = reference_attention(q, k, v, is_causal=True, scores=scores)
+    assert torch.equal(w, w.tril()) and (w.diagonal(dim1=-2, dim2=-1) > 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones(3, 4, 6))
 
 
 def test_reference_is_scaled_by_sqrt_dk():
@@ -28,30 +42,68 @@ def test_reference_is_scaled_by_sqrt_dk():
     assert torch.allclose(w, scores.softmax(-1))
 
 
+def test_additive_score_is_v_tanh_of_query_plus_key():
+    q, k, _ = _qkv(B=1, H=2, Tq=2, Tk=3, Dh=4)
+    v = torch.randn(2, 4)
+    s = additive_scores(q, k, v)
+    assert s.shape == (1, 2, 2, 3)
+    assert torch.allclose(s[0, 1, 0, 2], v[1] @ torch.tanh(q[0, 1, 0] + k[0, 1, 2]))
+
+
 def test_fast_path_equals_reference_with_padding_and_causal_masks():
     torch.manual_seed(0)
     mha = MultiHeadAttention(d_model=32, n_heads=4).eval()
     x = torch.randn(3, 6, 32)
-    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 7, 8, 9, 1], [5, 6, 0, 0, 0, 0]])
-    for mask in (None, padding_mask(ids, 0), decoder_mask(ids, 0), causal_mask(6)):
-        fast = mha(x, x, x, mask)
+    for mask, causal in ((None, False), (padding_mask(IDS, 0), False), (None, True),
+                         (causal_mask(6), False)):
+        fast = mha(x, mask=mask, is_causal=causal)
         mha.use_reference = True
-        ref = mha(x, x, x, mask)
+        ref = mha(x, mask=mask, is_causal=causal)
         mha.use_reference = False
-        assert torch.allclose(fast, ref, atol=1e-5), mask
+        assert torch.allclose(fast, ref, atol=1e-5), (mask, causal)
 
 
-def test_fully_masked_rows_give_zeros_on_both_paths():
+def test_cross_attention_reads_keys_and_values_from_the_memory():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(d_model=16, n_heads=2).eval()
+    mha = MultiHeadAttention(d_model=32, n_heads=4, cross=True).eval()
+    x, memory = torch.randn(3, 4, 32), torch.randn(3, 6, 32)
+    mask = padding_mask(IDS, 0)
+    fast = mha(x, memory, mask=mask)
+    mha.use_reference = True
+    ref = mha(x, memory, mask=mask)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert mha.last_weights.shape == (3, 4, 4, 6)
+    changed = memory.clone()
+    changed[0, 4:] += 1.0  # padding of sentence 0: invisible
+    assert torch.allclose(mha(x, changed, mask=mask), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_fully_masked_rows_give_zeros_on_both_paths(score):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model=16, n_heads=2, score=score).eval()
     x = torch.randn(2, 3, 16)
     mask = padding_mask(torch.tensor([[0, 0, 0], [4, 5, 0]]), 0)  # first row: nothing to see
     for reference in (False, True):
         mha.use_reference = reference
-        out = mha(x, x, x, mask)
+        out = mha(x, mask=mask)
         assert torch.isfinite(out).all()
         # With no key to attend to, the heads output zeros and only W^O's bias is left.
         assert torch.allclose(out[0], mha.w_o.bias.expand(3, 16), atol=1e-6)
+
+
+def test_additive_model_trains_and_decodes_with_the_cache():
+    model = tiny_model(attention="additive")
+    assert all(m.score == "additive" and m.v.shape == (4, 8) for m in model.attention_modules())
+    src, tgt = torch.randint(4, 23, (2, 6)), torch.randint(4, 23, (2, 5))
+    full = model(src, tgt)
+    memory, src_mask = model.encode(src)
+    cache = model.new_cache()
+    steps = [model.decode(tgt[:, t:t + 1], memory, src_mask, cache) for t in range(5)]
+    assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
+    model.train()
+    model(src, tgt).logsumexp(-1).mean().backward()
+    assert all(m.v.grad is not None for m in model.attention_modules())
 
 
 def test_causal_mask_is_lower_triangular():

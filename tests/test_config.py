@@ -91,5 +91,6 @@ def test_cli_prints_one_line_and_exits_2_on_bad_config(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: model.d_modle: unknown key; expected one of d_model, n_heads, n_layers, "
-        "d_ff, dropout, attn_dropout, ff_dropout, positions, norm, share_embeddings, max_positions"
+        "d_ff, dropout, attn_dropout, ff_dropout, positions, norm, attention, share_embeddings, "
+        "max_positions"
     ]

@@ -82,3 +82,18 @@ def test_changing_heads_and_d_model_changes_the_model():
     wide = Transformer(ModelConfig(d_model=64, n_heads=8, n_layers=2, d_ff=64), 23, 23)
     assert wide.attention_modules()[0].n_heads == 8
     assert wide.num_parameters() > a.num_parameters()
+
+
+def test_weights_saved_with_separate_projections_still_load(model):
+    from transformer.checkpoint import stack_projections
+    old = {}
+    for key, value in model.state_dict().items():  # the layout before stacking
+        if ".w_qkv." in key or ".w_kv." in key:
+            prefix, stacked, kind = key.rsplit(".", 2)  # e.g. encoder_layers.0.self_attn
+            for n, part in zip(stacked[2:], value.chunk(len(stacked) - 2)):
+                old[f"{prefix}.w_{n}.{kind}"] = part
+        else:
+            old[key] = value
+    assert stack_projections(old).keys() == model.state_dict().keys()
+    for key, value in stack_projections(old).items():
+        assert torch.equal(value, model.state_dict()[key]), key

@@ -1,9 +1,16 @@
-"""Multi-head scaled dot-product attention (paper, section 3.2).
+"""Multi-head attention (paper, section 3.2) with two score functions.
 
-Two implementations of the same function live here:
-- `reference_attention`: softmax(Q K^T / sqrt(d_k)) V written out, for reading, for
-  returning the attention weights, and for the test that checks the fast path;
-- `F.scaled_dot_product_attention`: PyTorch's fused kernel, used in training.
+How well query i matches key j:
+- scaled dot product (the paper):   score = q_i . k_j / sqrt(d_k)
+- additive (Bahdanau et al., 2015): score = v^T tanh(q_i + k_j), where q_i and k_j
+  are already projected by the head's W^Q and W^K, so this is v^T tanh(W_q q + W_k k).
+
+Two implementations of attention live here:
+- `reference_attention`: softmax(scores) V written out, for reading, for returning
+  the attention weights, for the additive score, and for the test that checks
+  the fast path;
+- `F.scaled_dot_product_attention`: PyTorch's fused kernel for the dot-product
+  score, used in training and translation.
 
 Shapes: B batch, H heads, Tq query length, Tk key length, Dh = d_k = d_model / H.
 """
@@ -16,6 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masks import causal_mask
+
+SCORES = ("scaled_dot", "additive")
+
+
+def dot_product_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Tq, Dh), k (B, H, Tk, Dh) -> Q K^T / sqrt(d_k), (B, H, Tq, Tk)."""
+    return q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+
+
+def additive_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Tq, Dh), k (B, H, Tk, Dh), v (H, Dh) -> v^T tanh(q + k), (B, H, Tq, Tk).
+
+    Every query is added to every key, so this holds a (B, H, Tq, Tk, Dh) tensor:
+    Dh times the memory of the dot product, one reason the paper chose the latter.
+    """
+    hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, H, Tq, Tk, Dh)
+    return torch.einsum("bhqkd,hd->bhqk", hidden, v)
+
 
 def reference_attention(
     q: torch.Tensor,
@@ -23,16 +49,23 @@ def reference_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scores: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, equation (1) of the paper.
 
     q: (B, H, Tq, Dh), k and v: (B, H, Tk, Dh), mask: bool, broadcastable to
-    (B, H, Tq, Tk), True = may attend. Returns the output (B, H, Tq, Dh) and the
-    weights (B, H, Tq, Tk). A query row with no key it may attend to gets zero
-    weights and a zero output, not a uniform average over padding.
+    (B, H, Tq, Tk), True = may attend; is_causal adds the causal mask. scores:
+    precomputed (B, H, Tq, Tk) scores of another score function; default Q K^T / sqrt(d_k).
+    Returns the output (B, H, Tq, Dh) and the weights (B, H, Tq, Tk). A query row
+    with no key it may attend to gets zero weights and a zero output, not a uniform
+    average over padding (the same rule as F.scaled_dot_product_attention).
     """
-    d_k = q.size(-1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, H, Tq, Tk)
+    if scores is None:
+        scores = dot_product_scores(q, k)  # (B, H, Tq, Tk)
+    if is_causal:
+        causal = causal_mask(q.size(2), q.device)  # (1, 1, Tq, Tq); needs Tq == Tk
+        mask = causal if mask is None else mask & causal
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
@@ -45,62 +78,84 @@ def reference_attention(
 
 
 class MultiHeadAttention(nn.Module):
-    """h parallel attention heads over projected queries, keys and values (section 3.2.2)."""
+    """h parallel attention heads over projected queries, keys and values (section 3.2.2).
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    Self-attention (cross=False) takes queries, keys and values from the same
+    sequence x; encoder-decoder attention (cross=True) takes the queries from x and
+    the keys and values from the encoder's output, the memory.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, cross: bool = False,
+                 score: str = "scaled_dot"):
         super().__init__()
         assert d_model % n_heads == 0, "d_model must be divisible by n_heads"
+        assert score in SCORES, score
         self.n_heads = n_heads
         self.d_k = d_model // n_heads
         self.dropout = dropout
-        self.w_q = nn.Linear(d_model, d_model)  # the h matrices W_i^Q side by side
-        self.w_k = nn.Linear(d_model, d_model)
-        self.w_v = nn.Linear(d_model, d_model)
+        self.cross = cross
+        self.score = score
+        # The h matrices W_i^Q side by side make one (d_model, d_model) matrix W^Q, and
+        # likewise W^K and W^V. Projections of the same input are stacked too, so that
+        # one matrix multiply makes all of them: [W^Q W^K W^V] for self-attention,
+        # [W^K W^V] for the memory in encoder-decoder attention.
+        if cross:
+            self.w_q = nn.Linear(d_model, d_model)
+            self.w_kv = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.w_qkv = nn.Linear(d_model, 3 * d_model)
         self.w_o = nn.Linear(d_model, d_model)  # W^O
+        if score == "additive":
+            self.v = nn.Parameter(torch.empty(n_heads, self.d_k).normal_(0, self.d_k ** -0.5))
         # Set to True to run the explicit reference path and keep its weights in
         # `self.last_weights` (for tests and for looking at attention).
         self.use_reference = False
         self.last_weights: torch.Tensor | None = None
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """(B, L, n * D) -> n tensors (B, H, L, Dh): split the stacked projections and heads."""
         B, L, _ = x.shape
-        return x.view(B, L, self.n_heads, self.d_k).transpose(1, 2)  # (B, H, L, Dh)
+        return list(x.view(B, L, n, self.n_heads, self.d_k).permute(2, 0, 3, 1, 4))
 
     def forward(
         self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        is_causal: bool = False,
         cache: dict | None = None,
-        static: bool = False,
     ) -> torch.Tensor:
-        """query (B, Tq, D), key and value (B, Tk, D), mask -> (B, Tq, D).
+        """x (B, Tq, D), memory (B, S, D) for cross-attention, mask -> (B, Tq, D).
 
+        is_causal: position i attends to positions 0..i only, without a mask tensor.
         cache (incremental decoding): a dict this module fills with its keys and
-        values "k", "v" (B, H, L, Dh). For self-attention (static=False) each call
-        appends the new positions; for encoder-decoder attention (static=True) the
-        memory is projected on the first call and reused after.
+        values "k", "v" (B, H, L, Dh). Self-attention appends the new positions on
+        each call; encoder-decoder attention projects the memory on the first call
+        and reuses it after.
         """
-        B, Tq, D = query.shape
-        q = self._split_heads(self.w_q(query))  # (B, H, Tq, Dh)
-        if cache is not None and static and "k" in cache:
-            k, v = cache["k"], cache["v"]  # (B, H, S, Dh), projected once per sentence
-        else:
-            k = self._split_heads(self.w_k(key))  # (B, H, Tk, Dh)
-            v = self._split_heads(self.w_v(value))  # (B, H, Tk, Dh)
+        B, Tq, D = x.shape
+        if not self.cross:
+            q, k, v = self._heads(self.w_qkv(x), 3)  # each (B, H, Tq, Dh)
             if cache is not None:
-                if not static and "k" in cache:
-                    k = torch.cat([cache["k"], k], dim=2)  # (B, H, L + Tk, Dh)
+                if "k" in cache:
+                    k = torch.cat([cache["k"], k], dim=2)  # (B, H, L + Tq, Dh)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        p = self.dropout if self.training else 0.0
-        if self.use_reference:
-            out, self.last_weights = reference_attention(q, k, v, mask, p)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            if mask is not None:
-                # Same rule as the reference: a row with nothing to attend to is zero.
-                out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+            (q,) = self._heads(self.w_q(x), 1)  # (B, H, Tq, Dh)
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]  # (B, H, S, Dh), projected once per sentence
+            else:
+                k, v = self._heads(self.w_kv(memory), 2)  # each (B, H, S, Dh)
+                if cache is not None:
+                    cache["k"], cache["v"] = k, v
+        p = self.dropout if self.training else 0.0
+        if self.use_reference or self.score != "scaled_dot":
+            scores = additive_scores(q, k, self.v) if self.score == "additive" else None
+            out, weights = reference_attention(q, k, v, mask, p, is_causal, scores)
+            self.last_weights = weights if self.use_reference else None
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, Tq, D)  # (B, Tq, H * Dh) = (B, Tq, D)
         return self.w_o(out)

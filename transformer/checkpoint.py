@@ -104,11 +104,25 @@ def model_from_checkpoint(path: str) -> tuple[Transformer, Tokenizer, Config, di
                                   f"expect {weights[name].size(0)}; they do not belong together")
     model = build(cfg, tokenizer)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(stack_projections(state["model"]))
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not match the saved config "
                               f"({str(e).splitlines()[0]})") from None
     return model, tokenizer, cfg, state
+
+
+def stack_projections(weights: dict) -> dict:
+    """Weights saved with separate w_q, w_k, w_v (before the stacked projections) -> stacked."""
+    weights = dict(weights)
+    for key in [k for k in weights if k.endswith(".w_k.weight") or k.endswith(".w_k.bias")]:
+        prefix, kind = key.rsplit(".w_k.", 1)
+        parts = [weights.pop(f"{prefix}.w_{n}.{kind}") for n in "kv"]
+        if ".cross_attn" in prefix:
+            weights[f"{prefix}.w_kv.{kind}"] = torch.cat(parts)
+        else:
+            weights[f"{prefix}.w_qkv.{kind}"] = torch.cat([weights.pop(f"{prefix}.w_q.{kind}"),
+                                                           *parts])
+    return weights
 
 
 def build(cfg: Config, tokenizer: Tokenizer) -> Transformer:

@@ -39,6 +39,9 @@ class ModelConfig:
     ff_dropout: float = 0.0  # on the feed-forward hidden layer
     positions: str = field(default="sinusoidal", metadata=_choices("sinusoidal", "learned"))
     norm: str = field(default="post", metadata=_choices("post", "pre"))
+    # The score function of every attention: q.k / sqrt(d_k) (the paper) or
+    # v^T tanh(W_q q + W_k k) (Bahdanau et al.; runs on the slower reference path).
+    attention: str = field(default="scaled_dot", metadata=_choices("scaled_dot", "additive"))
     # Share source embedding, target embedding and output projection. None: share
     # when the vocabulary is joint (section 3.4), else tie only target and output.
     share_embeddings: bool | None = None

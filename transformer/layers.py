@@ -95,26 +95,29 @@ class Residual(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention over the source, then the feed-forward network."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm,
+                 score="scaled_dot"):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, score=score)
         self.ff = FeedForward(d_model, d_ff, ff_dropout)
         self.res_attn = Residual(d_model, dropout, pre_norm)
         self.res_ff = Residual(d_model, dropout, pre_norm)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), src_mask (B, 1, 1, S) -> (B, S, D)."""
-        x = self.res_attn(x, lambda y: self.self_attn(y, y, y, src_mask))
+        x = self.res_attn(x, lambda y: self.self_attn(y, mask=src_mask))
         return self.res_ff(x, self.ff)
 
 
 class DecoderLayer(nn.Module):
     """Masked self-attention, encoder-decoder attention over the memory, feed-forward."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm,
+                 score="scaled_dot"):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, score=score)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, cross=True,
+                                             score=score)
         self.ff = FeedForward(d_model, d_ff, ff_dropout)
         self.res_self = Residual(d_model, dropout, pre_norm)
         self.res_cross = Residual(d_model, dropout, pre_norm)
@@ -124,21 +127,24 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         memory: torch.Tensor,
-        tgt_mask: torch.Tensor | None,
-        src_mask: torch.Tensor,
+        src_mask: torch.Tensor | None,
         cache: dict | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D), memory (B, S, D), tgt_mask (B, 1, T, T), src_mask (B, 1, 1, S).
+        """x (B, T, D), memory (B, S, D), src_mask (B, 1, 1, S) -> (B, T, D).
 
+        Self-attention is masked (section 3.2.3): position i sees positions 0..i. A
+        target's padding sits after its last real token, so no real position ever
+        sees padding and the causal mask alone is enough: no mask tensor is built.
         With a cache (incremental decoding) x is the newest position only, (B, 1, D):
-        its self-attention reads the keys and values cached from earlier steps, and
-        the encoder-decoder attention reuses the memory projected at the first step.
+        it may see every cached earlier position, the causal rule holds by construction,
+        and the encoder-decoder attention reuses the memory projected at the first step.
         """
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault("self", {}), cache.setdefault("cross", {})
-        x = self.res_self(x, lambda y: self.self_attn(y, y, y, tgt_mask, self_cache))
+        x = self.res_self(
+            x, lambda y: self.self_attn(y, is_causal=cache is None, cache=self_cache))
         # Queries from the decoder, keys and values from the encoder (section 3.2.3).
         x = self.res_cross(
-            x, lambda y: self.cross_attn(y, memory, memory, src_mask, cross_cache, static=True))
+            x, lambda y: self.cross_attn(y, memory, mask=src_mask, cache=cross_cache))
         return self.res_ff(x, self.ff)

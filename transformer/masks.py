@@ -17,7 +17,3 @@ def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor
     """(1, 1, L, L): position i may attend to positions 0..i (section 3.2.3)."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
-
-def decoder_mask(tgt: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """(B, T) target ids -> (B, 1, T, T): causal and not padding."""
-    return padding_mask(tgt, pad_id) & causal_mask(tgt.size(1), tgt.device)

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import MultiHeadAttention
 from .config import ModelConfig
 from .layers import DecoderLayer, Embeddings, EncoderLayer, LearnedPositions, PositionalEncoding
-from .masks import decoder_mask, padding_mask
+from .masks import padding_mask
 
 
 class Transformer(nn.Module):
@@ -59,7 +59,8 @@ class Transformer(nn.Module):
 
         # 3.1 Encoder and decoder stacks of N identical layers.
         pre_norm = cfg.norm == "pre"
-        args = (D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout, cfg.ff_dropout, pre_norm)
+        args = (D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout, cfg.ff_dropout, pre_norm,
+                cfg.attention)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.n_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.n_layers))
         # Pre-LN leaves the residual stream un-normalised: normalise once at the top.
@@ -72,7 +73,10 @@ class Transformer(nn.Module):
 
         for name, p in self.named_parameters():
             if p.dim() > 1 and "embed" not in name and "generator" not in name:
-                nn.init.xavier_uniform_(p)
+                # Stacked projections ([W^Q W^K W^V]) are initialised as their parts.
+                stacked = name.endswith(("w_qkv.weight", "w_kv.weight"))
+                for part in p.split(D) if stacked else [p]:
+                    nn.init.xavier_uniform_(part)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) ids -> memory (B, S, D) and the source mask (B, 1, 1, S)."""
@@ -93,17 +97,15 @@ class Transformer(nn.Module):
 
         With a cache from `new_cache()`, tgt is only the newest token (B, 1): the
         decoder layers keep the keys and values of earlier steps, so one step costs
-        one position, not the whole prefix. No mask is needed then: the newest
-        position may attend to every earlier one.
+        one position, not the whole prefix.
         """
-        if cache is None:
-            tgt_mask, start = decoder_mask(tgt, self.pad_id), 0  # (B, 1, T, T)
-        else:
+        start = 0
+        if cache is not None:
             assert tgt.size(1) == 1, "incremental decoding takes one new token at a time"
-            tgt_mask, start = None, cached_length(cache)
+            start = cached_length(cache)
         x = self.tgt_embed(tgt, start)  # (B, T, D)
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, tgt_mask, src_mask, None if cache is None else cache[i])
+            x = layer(x, memory, src_mask, None if cache is None else cache[i])
         return self.generator(self.decoder_norm(x))  # (B, T, V)
 
     def new_cache(self) -> list[dict]:

@@ -204,9 +204,13 @@ class Trainer:
         return state
 
     def _load(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RunError(f"{self.run_dir}/last.pt: cannot resume: its training state does not "
+                           f"fit this model ({str(e).splitlines()[0][:200]})") from None
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best_bleu, self.evals_since_best = state["best_bleu"], state["evals_since_best"]
