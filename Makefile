@@ -10,8 +10,10 @@ BEAM   ?=
 RUN    ?=
 LAST   ?=
 RESUME ?=
+SWEEP  ?= configs/sweep.yaml
 
-.PHONY: install test lint train translate evaluate average bench bench-decode clean
+.PHONY: install test lint train translate evaluate average attention plot sweep bench \
+	bench-decode clean
 
 install:  ## virtual environment in .venv with torch (CPU build) and the project
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,16 @@ evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data
 
 average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*.pt
 	@$(BIN)/transformer-average $(RUN) $(if $(LAST),--last $(LAST))
+
+attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of all attentions
+	@$(BIN)/transformer-attention $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
+		-- "$$SENTENCE"
+
+plot:  ## make plot RUN=runs/x: loss, validation BLEU and learning rate against steps
+	@$(BIN)/transformer-plot $(RUN)
+
+sweep:  ## make sweep [SWEEP=configs/sweep.yaml]: train a grid of configs, tabulate, plot
+	$(BIN)/transformer-sweep $(SWEEP)
 
 bench:  ## training speed against torch.nn.Transformer, FLOP/s, batching, memory (minutes)
 	$(BIN)/python scripts/bench_train.py

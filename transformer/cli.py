@@ -223,3 +223,75 @@ def _average(argv: list[str]) -> int:
 
 def average_main(argv: list[str] | None = None) -> int:
     return _run(_average, argv)
+
+
+# --- attention, plot, sweep ------------------------------------------------------------
+
+def _attention(argv: list[str]) -> int:
+    from .visualize import draw_attention, translate_with_attention
+
+    p = argparse.ArgumentParser(
+        prog="transformer-attention",
+        description="Translate a sentence and draw the heatmaps of all three attentions.")
+    p.add_argument("sentence", help="the sentence to translate")
+    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
+    p.add_argument("--out", help="folder for the PNGs (default: <run>/attention/<sentence>)")
+    args = p.parse_args(argv)
+    if not args.sentence.strip():
+        raise DataError("the sentence is empty; give one with SENTENCE=\"...\"")
+    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
+    model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
+    cfg = _with_beam(cfg, args.beam)
+    dec = cfg.decode
+    maps = translate_with_attention(model, tokenizer, args.sentence, dec.beam_size,
+                                    dec.max_len_a, dec.max_len_b)
+    slug = "-".join("".join(c if c.isalnum() else " " for c in args.sentence).split())[:60]
+    out = args.out or os.path.join(os.path.dirname(ckpt) or ".", "attention", slug or "sentence")
+    paths = draw_attention(maps, out)
+    print(f"{args.sentence}\n{maps.translation}")
+    print(f"{len(paths) - 1} figures in {out}/ (one per attention and layer, a panel per head "
+          "and the mean)")
+    print(f"index: {paths[-1]}")
+    return 0
+
+
+def attention_main(argv: list[str] | None = None) -> int:
+    return _run(_attention, argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from .visualize import plot_run
+
+    p = argparse.ArgumentParser(prog="transformer-plot",
+                                description="Draw a run's loss, validation BLEU and learning "
+                                            "rate against steps.")
+    p.add_argument("run", help="run folder holding metrics.jsonl")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
+        raise RunError(f"{args.run}: no metrics.jsonl; name a run folder, e.g. RUN=runs/<name>")
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    return _run(_plot, argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from .sweep import run_sweep
+
+    p = argparse.ArgumentParser(prog="transformer-sweep",
+                                description="Train every point of a grid over config keys and "
+                                            "tabulate size, speed and BLEU.")
+    p.add_argument("sweep", nargs="?", default="configs/sweep.yaml", help="sweep file")
+    args = p.parse_args(argv)
+    for path in run_sweep(args.sweep):
+        print(path)
+    return 0
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    return _run(_sweep, argv)

@@ -1,0 +1,135 @@
+"""Attention maps, training curves and sweeps: the weights are right and the commands work."""
+
+import csv
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CONFIG, tiny_model
+from transformer.config import load_config
+from transformer.train import train
+from transformer.visualize import attention_weights
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def _make(*args, **kw):
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_attention_weights_are_distributions_that_respect_the_masks(score):
+    model = tiny_model(attention=score)
+    src = torch.tensor([[5, 6, 7, 8, 3], [9, 10, 3, 0, 0]])  # the second source is padded
+    tgt = torch.tensor([[2, 11, 12, 13], [2, 14, 15, 16]])
+    w = attention_weights(model, src, tgt)
+    assert [len(w[k]) for k in ("encoder-self", "decoder-self", "encoder-decoder")] == [2, 2, 2]
+    for kind, (rows, cols) in {"encoder-self": (5, 5), "decoder-self": (4, 4),
+                               "encoder-decoder": (4, 5)}.items():
+        for layer in w[kind]:
+            assert layer.shape == (2, 4, rows, cols)
+            assert torch.allclose(layer.sum(-1), torch.ones(2, 4, rows), atol=1e-5)
+            if kind != "decoder-self":  # padded source positions get no weight
+                assert (layer[1, :, :, 3:] == 0).all()
+    for layer in w["decoder-self"]:  # position i sees 0..i only
+        assert torch.equal(layer, layer.tril())
+    # The fast path is back on afterwards.
+    assert not any(m.use_reference for m in model.attention_modules())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(TINY_CONFIG, [f"train.runs_dir={tmp}/runs", "train.name=tiny",
+                                    f"data.data_dir={tmp}/data", "train.max_steps=30",
+                                    "train.eval_every=10", "train.log_every=5"])
+    return train(cfg)
+
+
+@needs_make
+def test_make_attention_writes_a_figure_per_attention_and_layer(tiny_run, tmp_path):
+    out = tmp_path / "maps"
+    r = subprocess.run([os.path.join(ROOT, ".venv", "bin", "transformer-attention"),
+                        "--ckpt", f"{tiny_run}/last.pt", "--out", str(out), "one two three"],
+                       capture_output=True, text=True)
+    if r.returncode == 127:
+        pytest.skip("no .venv")
+    assert r.returncode == 0, r.stderr
+    names = sorted(os.listdir(out))
+    assert names == sorted([f"{k}-layer{n}.png" for k in ("encoder-self", "decoder-self",
+                                                          "encoder-decoder") for n in (1, 2)]
+                           + ["index.html"])
+    assert all((out / n).read_bytes().startswith(b"\x89PNG") for n in names if n.endswith("png"))
+    assert "encoder-decoder-layer2.png" in (out / "index.html").read_text()
+    assert f"index: {out}/index.html" in r.stdout
+
+    r = _make("attention", f"CKPT={tiny_run}/last.pt", "SENTENCE=it's \"quoted\"")
+    assert r.returncode == 0, r.stderr
+    assert os.path.isdir(os.path.join(tiny_run, "attention", "it-s-quoted"))
+    r = _make("attention", f"CKPT={tiny_run}/last.pt", "SENTENCE=")
+    assert r.returncode != 0 and "error: the sentence is empty" in r.stderr
+
+
+@needs_make
+def test_make_plot_draws_the_training_curves(tiny_run):
+    r = _make("plot", f"RUN={tiny_run}")
+    assert r.returncode == 0, r.stderr
+    for name in ("loss.png", "bleu.png", "lr.png"):
+        assert (open(os.path.join(tiny_run, name), "rb").read(4) == b"\x89PNG"), name
+    r = _make("plot", "RUN=/no/such/run")
+    assert r.returncode != 0 and "error: /no/such/run: no metrics.jsonl" in r.stderr
+
+
+def test_sweep_trains_every_point_tabulates_and_resumes(tmp_path):
+    from transformer.sweep import run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+base: {TINY_CONFIG}
+name: t
+grid:
+  model.n_heads: [1, 2]
+points:
+  - {{model.attention: additive}}
+overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2,
+            train.runs_dir={tmp_path}/runs,
+            data.data_dir={tmp_path}/data, train.keep_checkpoints=0]
+""")
+    paths = run_sweep(str(sweep))
+    folder = tmp_path / "runs" / "sweep-t"
+    assert [os.path.basename(p) for p in paths] == ["results.md", "results.csv",
+                                                     "bleu-vs-parameters.png"]
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [(r["model.n_heads"], r["model.attention"]) for r in rows] == [
+        ("1", ""), ("2", ""), ("", "additive")]
+    assert all(r["steps"] == "4" and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert rows[0]["parameters"] == rows[1]["parameters"]  # heads split d_model: same size
+    assert int(rows[2]["parameters"]) > int(rows[0]["parameters"])  # the v vectors
+    assert (folder / "results.md").read_text().count("\n") == 2 + 3
+
+    # Run again: finished points are kept; a point without result.json resumes, not restarts.
+    done = folder / "n_heads-1" / "result.json"
+    stamp = done.stat().st_mtime_ns
+    os.unlink(folder / "n_heads-2" / "result.json")
+    run_sweep(str(sweep))
+    assert done.stat().st_mtime_ns == stamp
+    assert (folder / "n_heads-2" / "result.json").exists()
+    log = (folder / "n_heads-2" / "metrics.jsonl").read_text()
+    assert log.count('"valid_loss"') == 1  # not trained a second time
+
+
+def test_bad_sweep_file_is_one_line(tmp_path):
+    from transformer.config import ConfigError
+    from transformer.sweep import load_sweep
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_hedas: [1, 2]\n")
+    with pytest.raises(ConfigError, match="n_hedas"):
+        load_sweep(str(bad))
+    bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_heads: 4\n")
+    with pytest.raises(ConfigError, match="grid: expected"):
+        load_sweep(str(bad))
