@@ -28,7 +28,7 @@ from transformer.tokenizer import BOS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as greedy_decode
 def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> float:
     """Seconds to generate n tokens (the argmax each step, never stopping early)."""
     start = time.perf_counter()

@@ -37,7 +37,7 @@ def _finish(ys: torch.Tensor, scores: torch.Tensor) -> list[Hypothesis]:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no_grad, and no autograd bookkeeping on any tensor
 def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int | list[int],
                   use_cache: bool = True) -> list[Hypothesis]:
     """src (B, S) -> the most likely next token, step by step, for each sentence.
@@ -74,7 +74,7 @@ def greedy_decode_uncached(model: Transformer, src: torch.Tensor, max_len: int |
     return greedy_decode(model, src, max_len, use_cache=False)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model: Transformer, src: torch.Tensor, max_lens: list[int], beam: int,
                 length_penalty: float = 1.0) -> list[Hypothesis]:
     """Batched beam search: src (B, S) -> the best hypothesis of each sentence.
