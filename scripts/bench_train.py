@@ -143,13 +143,26 @@ def epoch_time(cfg: ModelConfig, vocab: int, batches) -> tuple[float, float]:
 
 
 def peak_memory_of_train() -> float:
-    """Peak RSS (MB) of transformer-train on the default config, 60 steps."""
-    exe = os.path.join(os.path.dirname(sys.executable), "transformer-train")
-    subprocess.run([exe, "--config", os.path.join(ROOT, "configs", "default.yaml"),
-                    "train.max_steps=60", "train.eval_every=60", "train.eval_bleu_sentences=50",
-                    "train.runs_dir=/tmp/bench-train-runs", "train.name=memory"],
-                   cwd=ROOT, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    """Peak RSS (MB) of transformer-train on the default config, 60 steps.
+
+    The child reports its own high-water mark (VmHWM): the rusage of a child counts the
+    pages it shared with this large process before exec, which is not its own memory.
+    """
+    code = ("import sys\n"
+            "from transformer.cli import train_main\n"
+            "rc = train_main(sys.argv[1:])\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+            "print('PEAK_KB', hwm[0].split()[1] if hwm else -1)\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code, "--config",
+                        os.path.join(ROOT, "configs", "default.yaml"), "train.max_steps=60",
+                        "train.eval_every=60", "train.eval_bleu_sentences=50",
+                        "train.runs_dir=/tmp/bench-train-runs", "train.name=memory"],
+                       cwd=ROOT, check=True, capture_output=True, text=True)
+    kb = int(r.stdout.split("PEAK_KB")[-1].split()[0])
+    if kb < 0:  # no /proc: fall back to rusage, an upper bound
+        kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return kb / 1024
 
 
 def profile(name: str, vocab: int, batches: list) -> int:

@@ -162,7 +162,7 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
     """Validation BLEU against parameters: one line per value of line_key on the grid;
     points that differ in other ways (say, the additive score) as separate markers."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     others = [k for k in sweep.keys if k not in (line_key, "model.d_model")]
     on_grid = [r for r in rows if not any(k in r for k in others)]
     for value in sorted({r.get(line_key) for r in on_grid if line_key in r}):
@@ -178,10 +178,11 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("validation BLEU (greedy)")
-    ax.set_title(f"sweep {sweep.name}: {', '.join(sweep.overrides) or 'base budget'}",
-                 fontsize=10)
+    budget = [o for o in sweep.overrides if o.split("=")[0] in ("train.max_minutes",
+                                                                 "train.max_steps")]
+    ax.set_title(f"sweep {sweep.name} ({', '.join(budget) or 'the base budget'})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = os.path.join(sweep.folder, "bleu-vs-parameters.png")
     fig.savefig(path, dpi=100)
