@@ -194,3 +194,18 @@ def test_step_checkpoints_on_their_own_cadence_include_the_last_step(tmp_path):
     names = sorted(p for p in os.listdir(run) if p.startswith("step-"))
     assert names == ["step-000020.pt", "step-000025.pt"]
     assert os.path.exists(os.path.join(run, "average.pt"))
+
+
+def test_resuming_a_state_that_does_not_fit_is_one_line(tmp_path):
+    from transformer.checkpoint import save_checkpoint
+
+    run = train(_cfg(tmp_path, "train.name=misfit", "train.max_steps=3", "train.eval_every=1000"))
+    path = os.path.join(run, "last.pt")
+    state = load_checkpoint(path)
+    state["optimizer"]["param_groups"][0]["params"] = [0]  # one parameter, not the model's
+    state.pop("format")
+    save_checkpoint(path, state)
+    before = open(path, "rb").read()
+    with pytest.raises(RunError, match="cannot resume: its training state does not fit"):
+        resume(run, ["train.max_steps=6"])
+    assert open(path, "rb").read() == before
