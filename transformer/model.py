@@ -72,7 +72,9 @@ class Transformer(nn.Module):
         self.generator.weight = tgt_emb.weight
 
         for name, p in self.named_parameters():
-            if p.dim() > 1 and "embed" not in name and "generator" not in name:
+            # Matrices only (an additive score's v vectors keep their own init).
+            if name.endswith(".weight") and p.dim() > 1 and "embed" not in name \
+                    and "generator" not in name:
                 # Stacked projections ([W^Q W^K W^V]) are initialised as their parts.
                 stacked = name.endswith(("w_qkv.weight", "w_kv.weight"))
                 for part in p.split(D) if stacked else [p]:

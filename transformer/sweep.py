@@ -31,7 +31,7 @@ import yaml
 from .checkpoint import model_from_checkpoint
 from .config import ConfigError, _SafeNoAliasLoader, load_config, parse_override
 from .train import Trainer, make_run_dir, resume
-from .visualize import _pyplot, read_metrics
+from .visualize import pyplot, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def write_results(sweep: Sweep, rows: list[dict]) -> list[str]:
 def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") -> str:
     """Validation BLEU against parameters: one line per value of line_key on the grid;
     points that differ in other ways (say, the additive score) as separate markers."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     others = [k for k in sweep.keys if k not in (line_key, "model.d_model")]
     on_grid = [r for r in rows if not any(k in r for k in others)]

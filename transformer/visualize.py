@@ -88,7 +88,8 @@ def translate_with_attention(model: Transformer, tokenizer: Tokenizer, sentence:
     )
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the off-screen Agg backend, imported only when drawing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +103,7 @@ def draw_attention(maps: AttentionMaps, out_dir: str) -> list[str]:
 
     Writes index.html showing them all; returns the paths of the PNGs and the index.
     """
-    plt = _pyplot()
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     labels = {  # kind -> (rows, columns)
         "encoder-self": (maps.src_pieces, maps.src_pieces),
@@ -166,7 +167,7 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_run(run_dir: str) -> list[str]:
     """loss.png, bleu.png and lr.png against steps, from run_dir/metrics.jsonl."""
-    plt = _pyplot()
+    plt = pyplot()
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
     def series(key: str) -> tuple[list, list]:
