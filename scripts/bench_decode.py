@@ -1,7 +1,8 @@
 """Decoding speed, measured side by side in one process.
 
-1. Cached against uncached greedy decoding: 50 generated tokens at batch size 1,
-   with the multi30k model's sizes (random weights: speed does not depend on them).
+1. Cached against uncached greedy decoding at batch size 1 for 50, 100 and 200
+   generated tokens, with the multi30k model's sizes (random weights: speed does
+   not depend on them).
 2. With --ckpt: the time to translate a whole split with beam search.
 
     python scripts/bench_decode.py [--ckpt runs/x/average.pt --beam 5 ARGS...]
@@ -21,7 +22,7 @@ import torch
 from transformer.checkpoint import model_from_checkpoint
 from transformer.config import load_config, with_overrides
 from transformer.data import columns, load_corpus
-from transformer.decode import translate
+from transformer.decode import encode_source, translate
 from transformer.model import Transformer
 from transformer.tokenizer import BOS
 
@@ -30,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @torch.inference_mode()  # as greedy_decode
 def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> float:
-    """Seconds to generate n tokens (the argmax each step, never stopping early)."""
+    """Seconds to generate n tokens (greedy_decode's steps, never stopping early)."""
     start = time.perf_counter()
-    memory, src_mask = model.encode(src)
+    memory, src_mask = encode_source(model, src)
     ys = torch.full((src.size(0), 1), BOS, dtype=torch.long)
     cache = model.new_cache() if use_cache else None
     for _ in range(n):
@@ -44,31 +45,42 @@ def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> flo
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", default="50,100,200",
+                   help="generated lengths to time, comma-separated (the bar is at 50)")
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--ckpt", help="also time translating a split with this checkpoint")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--split", default="test")
     p.add_argument("--json", default="runs/bench_decode.json")
     p.add_argument("overrides", nargs="*", help="data.* overrides for --ckpt, e.g. data.path=...")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
                       [f"data.path={ROOT}/tests/toy_corpus"])
     torch.manual_seed(0)
     model = Transformer(cfg.model, 8000, 8000, share_embeddings=True).eval()
     src = torch.randint(4, 8000, (1, 20))
-    steps(model, src, 5, True), steps(model, src, 5, False)  # warm up
-    cached, uncached = [], []
-    for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-        cached.append(steps(model, src, args.tokens, True))
-        uncached.append(steps(model, src, args.tokens, False))
-    result = {"tokens": args.tokens, "batch": 1, "threads": torch.get_num_threads(),
-              "cached_s": statistics.median(cached), "uncached_s": statistics.median(uncached)}
-    result["speedup"] = result["uncached_s"] / result["cached_s"]
-    print(f"greedy, {args.tokens} tokens, batch 1, {result['threads']} threads: "
-          f"cached {result['cached_s'] * 1000:.1f} ms, uncached {result['uncached_s'] * 1000:.1f} "
-          f"ms, speed-up {result['speedup']:.1f}x (median of {args.repeats})")
+    steps(model, src, 50, True), steps(model, src, 50, False)  # warm up
+    result = {"batch": 1, "threads": torch.get_num_threads(), "lengths": []}
+    # A cached step costs about the same at any length; an uncached step recomputes the
+    # whole prefix, so its cost grows with the length and the speed-up with it.
+    for n in [int(t) for t in args.tokens.split(",")]:
+        cached, uncached = [], []
+        for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
+            cached.append(steps(model, src, n, True))
+            uncached.append(steps(model, src, n, False))
+        row = {"tokens": n, "cached_s": statistics.median(cached),
+               "uncached_s": statistics.median(uncached)}
+        row["speedup"] = row["uncached_s"] / row["cached_s"]
+        result["lengths"].append(row)
+        threads = f"{result['threads']} thread" + ("s" if result["threads"] > 1 else "")
+        print(f"greedy, {n} tokens, batch 1, {threads}: "
+              f"cached {row['cached_s'] * 1000:.1f} ms ({row['cached_s'] / n * 1000:.2f} ms a "
+              f"token), uncached {row['uncached_s'] * 1000:.1f} ms, speed-up "
+              f"{row['speedup']:.1f}x (median of {args.repeats})")
 
     if args.ckpt:
         model, tokenizer, ckpt_cfg, _ = model_from_checkpoint(args.ckpt)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from transformer.batching import pad
-from transformer.decode import beam_search, greedy_decode, greedy_decode_uncached
+from transformer.decode import beam_search, encode_source, greedy_decode, greedy_decode_uncached
 from transformer.model import cached_length
 from transformer.tokenizer import EOS
 
@@ -35,6 +35,19 @@ def test_cache_steps_match_full_decoding_logits(model):
     steps = [model.decode(tgt[:, t:t + 1], memory, src_mask, cache) for t in range(7)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     assert cached_length(cache) == 7
+
+
+def test_no_padding_needs_no_mask_and_gives_the_same_logits(model):
+    src = torch.randint(4, 23, (2, 6))  # no padding
+    tgt = torch.randint(4, 23, (2, 5))
+    memory, src_mask = model.encode(src)
+    assert bool(src_mask.all())
+    assert encode_source(model, src)[1] is None
+    assert torch.allclose(model.decode(tgt, memory, None), model.decode(tgt, memory, src_mask),
+                          atol=1e-6)
+    padded = src.clone()
+    padded[1, 4:] = 0
+    assert encode_source(model, padded)[1].shape == (2, 1, 1, 6)  # padding keeps its mask
 
 
 def test_cached_greedy_equals_uncached_tokens_and_scores(peaked_model):

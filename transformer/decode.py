@@ -37,6 +37,17 @@ def _finish(ys: torch.Tensor, scores: torch.Tensor) -> list[Hypothesis]:
     return out
 
 
+def encode_source(model: Transformer, src: torch.Tensor):
+    """src (B, S) -> memory (B, S, D) and the source mask (B, 1, 1, S), or None.
+
+    The mask is None when no source position is padding (one sentence, or sentences
+    of one length): attention with no mask skips a step per call, and every decoding
+    step attends to the memory once per decoder layer.
+    """
+    memory, src_mask = model.encode(src)
+    return memory, None if bool(src_mask.all()) else src_mask
+
+
 @torch.inference_mode()  # no_grad, and no autograd bookkeeping on any tensor
 def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int | list[int],
                   use_cache: bool = True) -> list[Hypothesis]:
@@ -47,7 +58,7 @@ def greedy_decode(model: Transformer, src: torch.Tensor, max_len: int | list[int
     model.eval()
     max_lens = max_len if isinstance(max_len, list) else [max_len] * src.size(0)
     limits = torch.tensor(max_lens, device=src.device)
-    memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+    memory, src_mask = encode_source(model, src)  # (B, S, D), (B, 1, 1, S) or None
     B = src.size(0)
     cache = model.new_cache() if use_cache else None
     ys = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)  # (B, 1)
@@ -86,9 +97,10 @@ def beam_search(model: Transformer, src: torch.Tensor, max_lens: list[int], beam
     """
     model.eval()
     B, k, device = src.size(0), beam, src.device
-    memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+    memory, src_mask = encode_source(model, src)  # (B, S, D), (B, 1, 1, S) or None
     memory = memory.repeat_interleave(k, dim=0)  # (B*k, S, D): beam j of sentence i at i*k+j
-    src_mask = src_mask.repeat_interleave(k, dim=0)  # (B*k, 1, 1, S)
+    if src_mask is not None:
+        src_mask = src_mask.repeat_interleave(k, dim=0)  # (B*k, 1, 1, S)
     cache = model.new_cache()
     ys = torch.full((B * k, 1), BOS, dtype=torch.long, device=device)  # (B*k, 1)
     # Only the first beam is live at the start, or all k would grow the same prefix.

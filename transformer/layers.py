@@ -14,6 +14,18 @@ from torch import nn
 from .attention import MultiHeadAttention
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that returns its input straight away in evaluation.
+
+    nn.Dropout in eval mode still goes through F.dropout and a call into PyTorch,
+    about 3 us; a decoding step of the multi30k model passes 17 dropouts, some 50 us
+    of a 0.5 ms step. Training is unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.training else x
+
+
 class PositionalEncoding(nn.Module):
     """Sinusoidal position encodings added to the embeddings (section 3.5)."""
 
@@ -51,7 +63,7 @@ class Embeddings(nn.Module):
         self.token = token  # may be shared between source, target and output
         self.positions = positions
         self.scale = math.sqrt(token.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(B, L) ids at positions start .. start + L - 1 -> (B, L, D)."""
@@ -65,7 +77,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+            nn.Linear(d_model, d_ff), nn.ReLU(), Dropout(dropout), nn.Linear(d_ff, d_model)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +95,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]):

@@ -92,10 +92,12 @@ class Transformer(nn.Module):
         self,
         tgt: torch.Tensor,
         memory: torch.Tensor,
-        src_mask: torch.Tensor,
+        src_mask: torch.Tensor | None,
         cache: list[dict] | None = None,
     ) -> torch.Tensor:
-        """tgt (B, T) ids, memory (B, S, D) -> logits (B, T, V) for the next token.
+        """tgt (B, T) ids, memory (B, S, D), src_mask (B, 1, 1, S) or None -> logits (B, T, V).
+
+        src_mask None: no source position is padding. The logits predict the next token.
 
         With a cache from `new_cache()`, tgt is only the newest token (B, 1): the
         decoder layers keep the keys and values of earlier steps, so one step costs
