@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import transformer.train as train_mod
 from conftest import ROOT, TINY_CONFIG
@@ -42,6 +43,8 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path):
     assert load_checkpoint(os.path.join(two, "last.pt"))["step"] == 15
     resume(two, ["train.max_steps=30"])
     assert _losses(one) == _losses(two) and len(_losses(one)) == 30
+    with open(os.path.join(two, "config.yaml")) as f:  # the folder says the new budget
+        assert yaml.safe_load(f)["train"]["max_steps"] == 30
     a = load_checkpoint(os.path.join(one, "last.pt"))
     b = load_checkpoint(os.path.join(two, "last.pt"))
     assert a["epoch"] == b["epoch"] and a["epoch"] >= 2  # the boundary was crossed
@@ -206,6 +209,8 @@ def test_resuming_a_state_that_does_not_fit_is_one_line(tmp_path):
     state.pop("format")
     save_checkpoint(path, state)
     before = open(path, "rb").read()
+    config_before = open(os.path.join(run, "config.yaml")).read()
     with pytest.raises(RunError, match="cannot resume: its training state does not fit"):
         resume(run, ["train.max_steps=6"])
     assert open(path, "rb").read() == before
+    assert open(os.path.join(run, "config.yaml")).read() == config_before  # still max_steps 3

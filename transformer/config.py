@@ -342,6 +342,10 @@ def with_overrides(cfg: Config, overrides: list[str], source: str,
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config so that the run can be reproduced from its folder."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write the resolved config so that the run can be reproduced from its folder.
+
+    Written beside and then renamed over the old file: never half a config.
+    """
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(path + ".tmp", path)

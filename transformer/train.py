@@ -181,6 +181,8 @@ class Trainer:
         self.elapsed = 0.0  # seconds of training before this process started
         if resume is not None:
             self._load(resume)
+            # The config the run goes on under: the resume's train.* overrides included.
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
         self.signals: list[int] = []
 
     # --- checkpoints -----------------------------------------------------------------
