@@ -10,6 +10,8 @@
 4. Peak resident memory of `transformer-train` on the default config (a short run).
 
     python scripts/bench_train.py [--quick] [--json runs/bench_train.json]
+    python scripts/bench_train.py --profile multi30k   # where a training step's time goes
+    python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from transformer.data import columns, load_corpus
 from transformer.layers import PositionalEncoding
 from transformer.model import Transformer
 from transformer.tokenizer import PAD, load_or_train
-from transformer.train import loss_fn
+from transformer.train import LOSS_CHUNK, loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.path.join(os.path.dirname(ROOT), "shared", "multi30k")
@@ -58,18 +60,21 @@ class Reference(nn.Module):
     def embed(self, ids):
         return self.drop(self.emb(ids) * self.scale + self.pe(ids.size(1)))
 
-    def forward(self, src, tgt):
+    def hidden(self, src, tgt):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
-        out = self.core(self.embed(src), self.embed(tgt), tgt_mask=causal,
-                        src_key_padding_mask=src == PAD, tgt_key_padding_mask=tgt == PAD,
-                        memory_key_padding_mask=src == PAD, tgt_is_causal=True)
-        return F.linear(out, self.emb.weight)
+        return self.core(self.embed(src), self.embed(tgt), tgt_mask=causal,
+                         src_key_padding_mask=src == PAD, tgt_key_padding_mask=tgt == PAD,
+                         memory_key_padding_mask=src == PAD, tgt_is_causal=True)
+
+    def generator(self, hidden):
+        return F.linear(hidden, self.emb.weight)
 
 
 def step_fn(model, optimizer):
+    """One training step as train.train_step makes it (same loss), for either model."""
     def step(batch):
-        logits = model(batch.src, batch.tgt_in)
-        loss = loss_fn(logits, batch.tgt_out, 0.1) / batch.n_tokens
+        hidden = model.hidden(batch.src, batch.tgt_in)
+        loss = loss_fn(hidden, batch.tgt_out, model.generator, 0.1) / batch.n_tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -182,6 +187,41 @@ def profile(name: str, vocab: int, batches: list) -> int:
     return 0
 
 
+def loss_speed(name: str, vocab: int, batches: list, rounds: int = 5) -> int:
+    """The output projection and loss of a batch, forward and backward: the logits of the
+    whole batch at once against train.loss_fn's chunks of real tokens, interleaved."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                      [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+    model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
+    torch.manual_seed(0)
+    work = [(torch.randn(*b.tgt_out.shape, cfg.d_model, requires_grad=True), b.tgt_out)
+            for b in batches]  # decoder outputs of the right shape
+
+    def whole(hidden, target):
+        logits = model.generator(hidden)  # (B, T, V) at once
+        return F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=PAD,
+                               label_smoothing=0.1, reduction="sum")
+
+    def chunked(hidden, target):
+        return loss_fn(hidden, target, model.generator, 0.1)
+
+    seconds = {"whole": [], "chunked": []}
+    for r in range(rounds + 1):  # the first round warms up
+        for name_, fn in (("whole", whole), ("chunked", chunked)):
+            start = time.perf_counter()
+            for hidden, target in work:
+                fn(hidden, target).backward()
+                hidden.grad = model.generator.weight.grad = None
+            if r:
+                seconds[name_].append((time.perf_counter() - start) / len(work))
+    whole_s, chunked_s = (statistics.median(seconds[k]) for k in ("whole", "chunked"))
+    print(f"{name}: output projection + loss, forward and backward, a batch of "
+          f"{sum(b.n_tokens for b in batches) // len(batches)} target tokens, {vocab} words: "
+          f"whole batch {whole_s * 1000:.0f} ms, chunks of {LOSS_CHUNK} real tokens "
+          f"{chunked_s * 1000:.0f} ms ({whole_s / chunked_s:.2f}x)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer batches and rounds")
@@ -190,6 +230,8 @@ def main() -> int:
     p.add_argument("--profile", choices=["default", "multi30k"],
                    help="only profile one training step of this model size and print where "
                         "the time goes")
+    p.add_argument("--loss", choices=["default", "multi30k"],
+                   help="only time the output projection and loss, whole batch against chunks")
     args = p.parse_args()
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
@@ -203,6 +245,8 @@ def main() -> int:
 
     if args.profile:
         return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)))
+    if args.loss:
+        return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
 
     peak = matmul_peak()
     result["matmul_peak_flops"] = peak

@@ -15,14 +15,6 @@ def test_shapes(model):
     assert model(src, tgt).shape == (3, 5, 23)
 
 
-def test_dropout_is_skipped_in_evaluation_only():
-    from transformer.layers import Dropout
-    drop, x = Dropout(0.5), torch.ones(1000)
-    assert (drop(x) == 0).any() and drop(x).max() == 2.0  # training: drops and rescales
-    drop.eval()
-    assert drop(x) is x  # evaluation: the input itself, no call into PyTorch
-
-
 def test_d_k_is_d_model_over_heads(model):
     for mha in model.attention_modules():
         assert mha.d_k * mha.n_heads == 32 and mha.d_k == 8

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import dropout
 from .masks import causal_mask
 
 SCORES = ("scaled_dot", "additive")
@@ -72,8 +73,7 @@ def reference_attention(
     if mask is not None:
         # softmax over a row of only -inf is 0/0 = nan: such rows attend to nothing.
         weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
+    weights = dropout(weights, dropout_p)
     return weights @ v, weights  # (B, H, Tq, Dh), (B, H, Tq, Tk)
 
 

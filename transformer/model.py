@@ -88,13 +88,8 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return self.encoder_norm(x), src_mask
 
-    def decode(
-        self,
-        tgt: torch.Tensor,
-        memory: torch.Tensor,
-        src_mask: torch.Tensor | None,
-        cache: list[dict] | None = None,
-    ) -> torch.Tensor:
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None,
+               cache: list[dict] | None = None) -> torch.Tensor:
         """tgt (B, T) ids, memory (B, S, D), src_mask (B, 1, 1, S) or None -> logits (B, T, V).
 
         src_mask None: no source position is padding. The logits predict the next token.
@@ -103,6 +98,11 @@ class Transformer(nn.Module):
         decoder layers keep the keys and values of earlier steps, so one step costs
         one position, not the whole prefix.
         """
+        return self.generator(self.decode_hidden(tgt, memory, src_mask, cache))  # (B, T, V)
+
+    def decode_hidden(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor | None,
+                      cache: list[dict] | None = None) -> torch.Tensor:
+        """As `decode`, but the decoder's output (B, T, D) before the output projection."""
         start = 0
         if cache is not None:
             assert tgt.size(1) == 1, "incremental decoding takes one new token at a time"
@@ -110,17 +110,23 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tgt, start)  # (B, T, D)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, src_mask, None if cache is None else cache[i])
-        return self.generator(self.decoder_norm(x))  # (B, T, V)
+        return self.decoder_norm(x)  # (B, T, D)
 
     def new_cache(self) -> list[dict]:
         """An empty key/value cache, one dict per decoder layer."""
         return [{} for _ in self.decoder_layers]
 
-
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """src (B, S), tgt (B, T) = <bos> y_1 .. y_{T-1} -> logits (B, T, V)."""
+        return self.generator(self.hidden(src, tgt))
+
+    def hidden(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """As `forward`, but the decoder's output (B, T, D) before the output projection.
+
+        Training projects it to the vocabulary itself, a chunk at a time (train.loss_fn).
+        """
         memory, src_mask = self.encode(src)
-        return self.decode(tgt, memory, src_mask)
+        return self.decode_hidden(tgt, memory, src_mask)
 
     def attention_modules(self):
         """Every MultiHeadAttention in the model, for switching to the reference path."""
