@@ -37,8 +37,8 @@ from transformer.config import ModelConfig, load_config
 from transformer.data import columns, load_corpus
 from transformer.layers import PositionalEncoding
 from transformer.model import Transformer
+from transformer.step import LOSS_CHUNK, loss_fn
 from transformer.tokenizer import PAD, load_or_train
-from transformer.train import LOSS_CHUNK, loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.path.join(os.path.dirname(ROOT), "shared", "multi30k")

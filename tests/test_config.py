@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT, TINY_CONFIG
 from transformer.config import ConfigError, from_dict, load_config, save_config, to_dict
@@ -21,7 +22,15 @@ def test_shipped_configs_load():
         cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), [] if name != "multi30k"
                           else ["data.path=" + os.path.join(ROOT, "tests", "toy_corpus")])
         assert cfg.name == name
-        assert cfg.model.d_model % cfg.model.n_heads == 0
+        # Every value the file sets is the value the run gets (none dropped or defaulted).
+        with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
+            written = yaml.safe_load(f)
+        loaded = to_dict(cfg)
+        for section, values in written.items():
+            for key, value in values.items():
+                if not (name == "multi30k" and key == "path"):
+                    got = loaded[section][key]
+                    assert got == (list(value) if isinstance(value, tuple) else value), key
 
 
 def test_round_trip(tmp_path):

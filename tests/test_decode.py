@@ -69,12 +69,16 @@ def test_beam_one_equals_greedy(peaked_model):
 
 
 def test_wider_beam_finds_a_hypothesis_at_least_as_likely(peaked_model):
+    # With length penalty 0 both searches rank by summed log-probability, and both take
+    # a hypothesis cut at the length limit as it stands: beam 4 keeps greedy's path or a
+    # more likely one. (This random model rarely says </s>: most hypotheses are cut.)
     src = pad(_sources(seed=2))
     greedy = greedy_decode(peaked_model, src, max_len=12)
     beam = beam_search(peaked_model, src, [12] * src.size(0), beam=4, length_penalty=0.0)
+    assert len(greedy) == len(beam) == 6
     for g, b in zip(greedy, beam):
-        if g.ids and len(g.ids) < 12:  # greedy finished with </s>
-            assert b.score >= g.score - 1e-4
+        assert b.score >= g.score - 1e-4
+    assert any(b.score > g.score + 0.1 for g, b in zip(greedy, beam))  # and it searched
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -93,3 +97,28 @@ def test_per_sentence_max_length_is_respected(peaked_model):
     for hyps in (greedy_decode(peaked_model, src, [1, 2, 3]),
                  beam_search(peaked_model, src, [1, 2, 3], beam=2)):
         assert [len(h.ids) <= n for h, n in zip(hyps, [1, 2, 3])] == [True] * 3
+
+
+@pytest.mark.parametrize("eos_bias", [0.0, 1.0, 3.0])
+def test_beam_search_on_the_device_equals_the_list_reference(eos_bias):
+    # Random models, some pushed towards </s> so that sentences finish early, late, all
+    # at once, and in the same step as they reach their length limit.
+    from reference_beam import reference_beam_search
+
+    for seed in range(30):
+        m = tiny_model(vocab=9 if seed % 3 == 0 else 23)
+        with torch.no_grad():
+            m.generator.weight.mul_(1 + seed % 4)
+            m.generator.weight[EOS] += eos_bias * m.generator.weight.mean(0)
+        g = torch.Generator().manual_seed(seed)
+        V = m.generator.weight.size(0)
+        seqs = [torch.randint(4, V, (int(torch.randint(1, 9, (1,), generator=g)),),
+                              generator=g).tolist() + [EOS] for _ in range(1 + seed % 5)]
+        lens = torch.randint(1, 14, (len(seqs),), generator=g).tolist()
+        for k in (2, 3, 5):
+            for lp in (0.0, 1.0):
+                ours = beam_search(m, pad(seqs), lens, k, lp)
+                ref = reference_beam_search(m, pad(seqs), lens, k, lp)
+                assert [h.ids for h in ours] == [h.ids for h in ref], (seed, k, lp)
+                for a, b in zip(ours, ref):
+                    assert abs(a.score - b.score) < 1e-4

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from transformer.dropout import Dropout, dropout
+from transformer.step import loss_fn
 from transformer.tokenizer import PAD
-from transformer.train import loss_fn
 
 
 def test_dropout_zeroes_p_of_the_elements_and_keeps_the_mean():

@@ -74,14 +74,17 @@ def test_pre_norm_and_learned_positions_build_and_run():
 
 
 def test_changing_heads_and_d_model_changes_the_model():
-    a = tiny_model()
-    b = tiny_model(share=True)
-    assert a.num_parameters() == b.num_parameters()
-    from transformer.config import ModelConfig
-    from transformer.model import Transformer
-    wide = Transformer(ModelConfig(d_model=64, n_heads=8, n_layers=2, d_ff=64), 23, 23)
+    four, two = tiny_model(n_heads=4), tiny_model(n_heads=2)
+    # The heads split d_model (d_k = d_model / n_heads): same parameters, other head sizes.
+    assert four.num_parameters() == two.num_parameters()
+    assert [m.n_heads for m in four.attention_modules()] == [4] * 6
+    assert [m.d_k for m in two.attention_modules()] == [16] * 6
+    src, tgt = torch.randint(4, 23, (2, 5)), torch.randint(4, 23, (2, 4))
+    assert not torch.allclose(four(src, tgt), two(src, tgt))  # the same init, split otherwise
+    wide = tiny_model(d_model=64, n_heads=8)
     assert wide.attention_modules()[0].n_heads == 8
-    assert wide.num_parameters() > a.num_parameters()
+    assert wide.num_parameters() > four.num_parameters()
+    assert tiny_model(share=False).num_parameters() > four.num_parameters()
 
 
 def test_weights_saved_with_separate_projections_still_load(model):

@@ -1,6 +1,7 @@
 """Runs survive interruption, files are data, and users' input never crashes the tools."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,7 +27,8 @@ def _cfg(tmp_path, *overrides):
     return load_config(TINY_CONFIG, [f"train.runs_dir={tmp_path}/runs",
                                      f"data.data_dir={tmp_path}/data", "model.dropout=0.1",
                                      "train.log_every=1", "train.keep_checkpoints=0",
-                                     "train.average_at_end=false", *overrides])
+                                     "train.average_at_end=false", "train.device=cpu",
+                                     *overrides])
 
 
 def _losses(run_dir):
@@ -34,10 +36,16 @@ def _losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_resume_gives_the_same_losses_and_weights(tmp_path):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_resume_gives_the_same_losses_and_weights(tmp_path, device):
     # With 4096-token batches the toy corpus is a few batches an epoch: 30 steps cross
-    # epoch boundaries, and the split at 15 falls inside an epoch.
-    common = ["train.batch_tokens=4096", "train.eval_every=1000"]
+    # epoch boundaries, and the split at 15 falls inside an epoch. Dropout is on, so the
+    # resumed run must draw the same masks as the uninterrupted one (its random states).
+    common = ["train.batch_tokens=4096", "train.eval_every=1000", f"train.device={device}",
+              "train.deterministic=true", "train.precision=fp32"]
     one = train(_cfg(tmp_path, "train.name=one", "train.max_steps=30", *common))
     two = train(_cfg(tmp_path, "train.name=two", "train.max_steps=15", *common))
     assert load_checkpoint(os.path.join(two, "last.pt"))["step"] == 15
@@ -48,6 +56,8 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path):
     a = load_checkpoint(os.path.join(one, "last.pt"))
     b = load_checkpoint(os.path.join(two, "last.pt"))
     assert a["epoch"] == b["epoch"] and a["epoch"] >= 2  # the boundary was crossed
+    if device == "cuda":
+        assert len(a["rng"]["cuda"]) == torch.cuda.device_count()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -55,7 +65,7 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path):
 def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path):
     args = [_bin("transformer-train"), "--config", TINY_CONFIG, f"train.runs_dir={tmp_path}",
             "train.name=sig", f"data.data_dir={tmp_path}/data", "train.max_steps=100000",
-            "train.log_every=1"]
+            "train.log_every=1", "train.device=cpu"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = tmp_path / "sig" / "metrics.jsonl"
@@ -96,14 +106,22 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     cfg = _cfg(tmp_path)
     trainer = Trainer(cfg, make_run_dir(_cfg(tmp_path, "train.name=nan")))
     batch = next(trainer.data.train.epoch(1))
+    train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train,
+               trainer.totals)  # a good step first: Adam's moments are no longer zero
+    assert trainer.totals.read()[1:] == (0, 0)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
     with torch.no_grad():
         trainer.model.generator.weight[5, 0] = float("nan")
-    m = train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train)
-    assert m["skipped"]
+    train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train,
+               trainer.totals)
+    loss, skipped, bad_in_row = trainer.totals.read()
+    assert skipped == 1 and bad_in_row == 1 and math.isfinite(loss)
     for k, v in trainer.model.state_dict().items():
         if k != "generator.weight" and "embed" not in k:
             assert torch.equal(v, before[k]), k
+    for k, v in trainer.optimizer.state_dict()["state"][0].items():  # step count included
+        assert torch.equal(v, moments[k]), k
 
 
 def test_many_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path,
@@ -112,9 +130,15 @@ def test_many_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(t
                "train.max_bad_steps=5")
     run = train(cfg)
     good = load_checkpoint(os.path.join(run, "last.pt"))
-    monkeypatch.setattr(train_mod, "train_step",
-                        lambda *a: {"loss": float("nan"), "tokens": 1, "skipped": True})
-    with pytest.raises(RunError, match="5 non-finite losses in a row at step 20; stopped"):
+    real_step = train_mod.train_step
+
+    def poisoned(model, *args):
+        with torch.no_grad():
+            model.generator.weight[5, 0] = float("nan")  # every loss from here is nan
+        return real_step(model, *args)
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    with pytest.raises(RunError, match="5 non-finite losses in a row at step 25; stopped"):
         resume(run, ["train.max_steps=40"])
     after = load_checkpoint(os.path.join(run, "last.pt"))
     assert after["step"] == good["step"] == 20

@@ -19,7 +19,8 @@ from transformer.checkpoint import (
 )
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
-from transformer.train import inverse_sqrt_schedule, prepare, train_step
+from transformer.step import Totals, make_optimizer, train_step
+from transformer.train import inverse_sqrt_schedule, prepare
 
 
 def test_overfits_one_tiny_batch():
@@ -28,12 +29,14 @@ def test_overfits_one_tiny_batch():
     src = [[5, 6, 7, 3], [8, 9, 3], [10, 11, 12, 13, 3]]
     tgt = [[2, 14, 15, 3], [2, 16, 3], [2, 17, 18, 19, 4, 3]]
     batch = collate(src, tgt)
-    cfg = load_config(TINY_CONFIG, ["train.label_smoothing=0.0", "train.clip_norm=0"]).train
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    cfg = load_config(TINY_CONFIG, ["train.label_smoothing=0.0", "train.clip_norm=0",
+                                    "train.lr=0.003"]).train
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    first = train_step(model, batch, opt, sched, cfg)["loss"]
+    totals = Totals.zeros(torch.device("cpu"))
+    first = train_step(model, batch, opt, sched, cfg, totals).item()
     for _ in range(150):
-        last = train_step(model, batch, opt, sched, cfg)["loss"]
+        last = train_step(model, batch, opt, sched, cfg, totals).item()
     assert first > 2.5 and last < 0.05
     model.eval()
     decoded = greedy_decode(model, batch.src, max_len=8)
@@ -53,12 +56,13 @@ def _trained_tiny(tmp_path, steps=40):
     from transformer.checkpoint import build
     torch.manual_seed(0)
     model = build(cfg, data.tokenizer)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = make_optimizer(model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    totals = Totals.zeros(torch.device("cpu"))
     for i, batch in enumerate(data.train.epoch(1)):
         if i == steps:
             break
-        train_step(model, batch, opt, sched, cfg.train)
+        train_step(model, batch, opt, sched, cfg.train, totals)
     state = {"name": cfg.name, "config": to_dict(cfg), "tokenizer": data.tokenizer.to_dict(),
              "model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "step": steps, "epoch": 1, "best_bleu": 0.0}
@@ -117,7 +121,7 @@ def _make(*args, **kw):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
     runs = tmp_path / "runs"
-    args = f"train.runs_dir={runs} train.name=e2e data.data_dir={tmp_path}/data"
+    args = f"train.runs_dir={runs} train.name=e2e data.data_dir={tmp_path}/data train.device=cpu"
     r = _make("train", "CONFIG=configs/tiny.yaml", f"ARGS={args}")
     assert r.returncode == 0, r.stderr[-2000:]
     run = runs / "e2e"

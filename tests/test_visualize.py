@@ -46,7 +46,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     cfg = load_config(TINY_CONFIG, [f"train.runs_dir={tmp}/runs", "train.name=tiny",
                                     f"data.data_dir={tmp}/data", "train.max_steps=30",
-                                    "train.eval_every=10", "train.log_every=5"])
+                                    "train.eval_every=10", "train.log_every=5",
+                                    "train.device=cpu"])
     return train(cfg)
 
 
@@ -95,7 +96,7 @@ grid:
   model.n_heads: [1, 2]
 points:
   - {{model.attention: additive}}
-overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2,
+overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2, train.device=cpu,
             train.runs_dir={tmp_path}/runs,
             data.data_dir={tmp_path}/data, train.keep_checkpoints=0]
 """)

@@ -19,19 +19,29 @@ from .tokenizer import PAD
 
 @dataclass
 class Batch:
-    """Padded tensors of one batch: src (B, S), tgt_in (B, T), tgt_out (B, T)."""
+    """Padded tensors of one batch: src (B, S), tgt_in (B, T), tgt_out (B, T).
+
+    Also what the host knows without asking the device: n_tokens, the real target
+    tokens (the unit of loss and of throughput), and real (N,), their flat indices
+    in tgt_out, so that the loss never needs a boolean mask (see step.py).
+    """
 
     src: torch.Tensor
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
+    real: torch.Tensor
+    n_tokens: int
 
-    @property
-    def n_tokens(self) -> int:
-        """Real target tokens, the unit of loss and of throughput."""
-        return int((self.tgt_out != PAD).sum())
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        """The batch on device; non_blocking copies overlap with work already queued."""
+        move = [t.to(device, non_blocking=non_blocking)
+                for t in (self.src, self.tgt_in, self.tgt_out, self.real)]
+        return Batch(*move, self.n_tokens)
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory, which the GPU copies from asynchronously."""
+        return Batch(*(t.pin_memory() for t in (self.src, self.tgt_in, self.tgt_out, self.real)),
+                     self.n_tokens)
 
 
 def pad(seqs: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
@@ -45,7 +55,29 @@ def pad(seqs: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
 def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
     """Sources as they are; targets <s> y </s> split into decoder input and output."""
     tgt_t = pad(tgt)
-    return Batch(pad(src), tgt_t[:, :-1], tgt_t[:, 1:])
+    tgt_out = tgt_t[:, 1:]
+    real = (tgt_out != PAD).flatten().nonzero().squeeze(1)  # (N,), on the host
+    return Batch(pad(src), tgt_t[:, :-1], tgt_out, real, real.numel())
+
+
+def prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """The batches on device, each copied while the one before it is being trained on.
+
+    On a GPU the next batch is made, pinned and its copy queued before the current
+    one is handed out, so the step never waits for a host-to-device copy. On the
+    CPU the batches pass through as they are.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    ahead = None
+    for batch in batches:
+        batch = batch.pin_memory().to(device, non_blocking=True)
+        if ahead is not None:
+            yield ahead
+        ahead = batch
+    if ahead is not None:
+        yield ahead
 
 
 def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random | None) -> list:

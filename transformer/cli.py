@@ -26,10 +26,11 @@ from .checkpoint import (
 from .config import ConfigError, load_config, with_overrides
 from .data import DataError, columns, load_corpus
 from .decode import translate
+from .device import DeviceError, pick_device, resolve_precision
 from .evaluate import score
-from .train import Interrupted, RunError, pick_device, resume, train
+from .train import Interrupted, RunError, resume, train
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, DeviceError)
 
 
 class _TqdmHandler(logging.Handler):
@@ -114,10 +115,11 @@ def _translate(argv: list[str]) -> int:
     ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
     model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
     cfg = _with_beam(cfg, args.beam)
-    device = pick_device(args.device)
+    device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     if args.sentences:
-        for line in translate(model, tokenizer, args.sentences, cfg.decode, device):
+        for line in translate(model, tokenizer, args.sentences, cfg.decode, device,
+                              precision=precision):
             print(line)
         return 0
     # Standard input: translate in chunks so that long inputs stream with bounded memory.
@@ -125,19 +127,25 @@ def _translate(argv: list[str]) -> int:
     for line in sys.stdin:
         chunk.append(line.rstrip("\r\n"))
         if len(chunk) == 512:
-            _print_translations(model, tokenizer, chunk, cfg, device)
+            _print_translations(model, tokenizer, chunk, cfg, device, precision)
             chunk = []
     if chunk:
-        _print_translations(model, tokenizer, chunk, cfg, device)
+        _print_translations(model, tokenizer, chunk, cfg, device, precision)
     return 0
 
 
-def _print_translations(model, tokenizer, lines, cfg, device) -> None:
+def _device_and_precision(name: str, cfg):
+    """The device asked for, and the precision the model was trained at, where it can run."""
+    device = pick_device(name)
+    return device, resolve_precision(cfg.train.precision, device, strict=False)
+
+
+def _print_translations(model, tokenizer, lines, cfg, device, precision) -> None:
     """One output line per input line; an empty line stays empty."""
     todo = [i for i, line in enumerate(lines) if line.strip()]
     out = [""] * len(lines)
     for i, text in zip(todo, translate(model, tokenizer, [lines[i] for i in todo], cfg.decode,
-                                       device)):
+                                       device, precision=precision)):
         out[i] = text
     sys.stdout.write("".join(text + "\n" for text in out))
     sys.stdout.flush()
@@ -174,11 +182,11 @@ def _evaluate(argv: list[str]) -> int:
     corpus = load_corpus(cfg.data)
     if args.split not in corpus:
         raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
-    device = pick_device(args.device)
+    device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     src, refs = columns(corpus[args.split])
     start = time.time()
-    hyps = translate(model, tokenizer, src, cfg.decode, device)
+    hyps = translate(model, tokenizer, src, cfg.decode, device, precision=precision)
     seconds = time.time() - start
     beam = cfg.decode.beam_size
     search = "greedy" if beam == 1 else f"beam {beam}, length penalty {cfg.decode.length_penalty}"

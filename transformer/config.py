@@ -96,6 +96,11 @@ class TrainConfig:
     average_at_end: bool = False  # write average.pt, the mean of those N, when training ends
     seed: int = 1
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # Mixed precision (torch.autocast); weights, optimizer and checkpoints stay fp32.
+    # auto: bf16 on a GPU that has it, else fp32. fp16 adds a gradient scaler (GPU only).
+    precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
+    # Kernels that repeat bit for bit on CUDA (slower); the CPU is deterministic anyway.
+    deterministic: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
     name: str | None = None  # run folder name; None: <config name>-<timestamp>
     runs_dir: str = "runs"

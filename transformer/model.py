@@ -143,9 +143,17 @@ def cached_length(cache: list[dict]) -> int:
     return self_kv["k"].size(2) if "k" in self_kv else 0
 
 
-def reorder_cache(cache: list[dict], index: torch.Tensor) -> None:
-    """Keep the rows `index` of every cached tensor (beam search reorders hypotheses)."""
+def reorder_cache(cache: list[dict], index: torch.Tensor, self_only: bool = False) -> None:
+    """Keep the rows `index` of every cached tensor (beam search reorders hypotheses).
+
+    self_only: reorder the decoder self-attention's keys and values only. When rows
+    move only among the beams of one sentence, the encoder-decoder attention's keys
+    and values (the sentence's memory, projected) are the same in every row they move
+    between, and need not move.
+    """
     for layer in cache:
-        for kv in layer.values():
+        for part, kv in layer.items():
+            if self_only and part != "self":
+                continue
             for name in kv:
                 kv[name] = kv[name].index_select(0, index)

@@ -1,4 +1,9 @@
-"""Training: one step, evaluation, and the loop with its budgets and checkpoints."""
+"""Training: the loop with its budgets, evaluations, checkpoints, resuming and signals.
+
+The step itself (forward, backward, update) is in step.py; the device, precision
+and random states in device.py. This file decides when to log, evaluate, save and
+stop, and keeps where the run stands so that it can go on after an interruption.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,26 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .batching import Batch, BatchIterator
+from .batching import BatchIterator, prefetch
 from .checkpoint import average_checkpoints, build, save_checkpoint, step_checkpoints
-from .config import Config, TrainConfig, from_dict, save_config, to_dict, with_overrides
+from .config import Config, from_dict, save_config, to_dict, with_overrides
 from .data import columns, load_corpus
 from .decode import translate
+from .device import (
+    pick_device,
+    resolve_precision,
+    rng_state,
+    set_deterministic,
+    set_rng_state,
+)
 from .evaluate import score
-from .model import Transformer
-from .tokenizer import PAD, Tokenizer, load_or_train
+from .step import Totals, make_optimizer, train_step, validation_loss
+from .tokenizer import Tokenizer, load_or_train
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +46,6 @@ class Interrupted(RuntimeError):
     """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("train.device: cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def inverse_sqrt_schedule(warmup_steps: int):
     """lr factor: linear warmup to 1, then 1 / sqrt(step), the schedule of section 5.3."""
     def factor(step: int) -> float:  # LambdaLR's step counts from 0
@@ -53,67 +54,6 @@ def inverse_sqrt_schedule(warmup_steps: int):
             return 1.0
         return min(step / warmup_steps, math.sqrt(warmup_steps / step))
     return factor
-
-
-LOSS_CHUNK = 512  # target positions projected to the vocabulary at a time
-
-
-def loss_fn(hidden: torch.Tensor, target: torch.Tensor, generator: Callable, label_smoothing: float,
-            chunk: int = LOSS_CHUNK) -> torch.Tensor:
-    """Summed cross-entropy over real target tokens: hidden (B, T, D), target (B, T).
-
-    generator maps the decoder's output to logits (the model's tied output projection).
-    It is applied here to the real positions only (padding has no loss), `chunk`
-    positions at a time. The whole batch's logits, 4,096 tokens x 8,000 words = 131 MB,
-    would pass through memory about ten times between the projection, the softmax and
-    their gradients; a chunk's 16 MB stays in the CPU's cache. Same sum, and on the
-    2-core CPU the projection and loss of a batch, forward and backward, run 1.6x
-    faster (`python scripts/bench_train.py --loss multi30k`).
-    """
-    hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T, D)
-    target = target.reshape(-1)  # (B*T,)
-    real = target != PAD
-    hidden, target = hidden[real], target[real]  # (N, D), (N,): N real tokens
-    return sum(F.cross_entropy(generator(h), t, label_smoothing=label_smoothing, reduction="sum")
-               for h, t in zip(hidden.split(chunk), target.split(chunk)))
-
-
-def train_step(model: Transformer, batch: Batch, optimizer: torch.optim.Optimizer,
-               scheduler, cfg: TrainConfig) -> dict:
-    """Forward, backward and update on one batch; the loss is per real target token.
-
-    A non-finite loss or gradient skips the update (returned as skipped=True), so
-    that one bad batch cannot write inf or nan into the weights.
-    """
-    model.train()
-    n_tokens = batch.n_tokens
-    hidden = model.hidden(batch.src, batch.tgt_in)  # (B, T, D)
-    loss = loss_fn(hidden, batch.tgt_out, model.generator, cfg.label_smoothing) / n_tokens
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return {"loss": loss.item(), "tokens": n_tokens, "skipped": True}
-    loss.backward()
-    max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "tokens": n_tokens, "skipped": True}
-    optimizer.step()
-    scheduler.step()
-    return {"loss": loss.item(), "tokens": n_tokens, "skipped": False}
-
-
-@torch.no_grad()
-def validation_loss(model: Transformer, batches: BatchIterator, device) -> float:
-    """Mean negative log-likelihood per target token, without label smoothing."""
-    model.eval()
-    total, n = 0.0, 0
-    for batch in batches.epoch():
-        batch = batch.to(device)
-        hidden = model.hidden(batch.src, batch.tgt_in)
-        total += loss_fn(hidden, batch.tgt_out, model.generator, 0.0).item()
-        n += batch.n_tokens
-    return total / max(n, 1)
 
 
 @dataclass
@@ -175,10 +115,12 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, resume: dict | None = None):
         self.cfg, self.t, self.run_dir = cfg, cfg.train, run_dir
         random.seed(self.t.seed)
-        torch.manual_seed(self.t.seed)
+        torch.manual_seed(self.t.seed)  # the CPU and every CUDA device
         if self.t.threads:
             torch.set_num_threads(self.t.threads)
         self.device = pick_device(self.t.device)
+        self.precision = resolve_precision(self.t.precision, self.device)
+        set_deterministic(self.t.deterministic)
         if resume is None:
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
         # A resumed run keeps the tokenizer its weights were trained with.
@@ -186,17 +128,18 @@ class Trainer:
         self.data = prepare(cfg, tokenizer)
         self.data.tokenizer.save(run_dir)
         self.model = build(cfg, self.data.tokenizer).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, betas=self.t.betas,
-                                          eps=1e-9, weight_decay=self.t.weight_decay)
+        self.optimizer = make_optimizer(self.model, self.t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, inverse_sqrt_schedule(self.t.warmup_steps))
+        # fp16 has too few exponent bits for small gradients: scale the loss up first.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.totals = Totals.zeros(self.device)  # loss and skipped batches, on the device
         # Where the run stands: all of it goes into every checkpoint.
-        self.step = 0  # optimizer updates made
+        self.step = 0  # training batches taken (an update each, unless skipped as non-finite)
         self.epoch = 1  # the epoch in progress
         self.batch_in_epoch = 0  # batches of this epoch already used
         self.best_bleu = -1.0
         self.evals_since_best = 0
-        self.bad_steps = 0  # non-finite losses in a row
         self.elapsed = 0.0  # seconds of training before this process started
         if resume is not None:
             self._load(resume)
@@ -219,9 +162,10 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "evals_since_best": self.evals_since_best,
                 "elapsed": self.elapsed + time.time() - self.start,
-                "rng_torch": torch.get_rng_state(),
-                "rng_python": random.getstate(),
+                "rng": rng_state(),
             })
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
         return state
 
     def _load(self, state: dict) -> None:
@@ -229,6 +173,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise RunError(f"{self.run_dir}/last.pt: cannot resume: its training state does not "
                            f"fit this model ({str(e).splitlines()[0][:200]})") from None
@@ -236,8 +182,9 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best_bleu, self.evals_since_best = state["best_bleu"], state["evals_since_best"]
         self.elapsed = state["elapsed"]
-        torch.set_rng_state(state["rng_torch"])
-        random.setstate(state["rng_python"])
+        # Checkpoints written before the CUDA states were saved hold the first two only.
+        set_rng_state(state.get("rng") or {"python": state["rng_python"],
+                                           "cpu": state["rng_torch"]})
 
     def save(self, name: str, full: bool = True) -> str:
         path = os.path.join(self.run_dir, name)
@@ -256,12 +203,14 @@ class Trainer:
     def valid_bleu(self) -> tuple[float, list[str]]:
         n = self.t.eval_bleu_sentences or len(self.data.valid_src)
         hyps = translate(self.model, self.data.tokenizer, self.data.valid_src[:n],
-                         self.cfg.decode, self.device, beam=1)
+                         self.cfg.decode, self.device, beam=1, precision=self.precision)
         return score(hyps, self.data.valid_ref[:n]).bleu, hyps
 
     def evaluate_and_save(self) -> None:
         """Validation loss and greedy BLEU; last.pt always, best.pt when BLEU improves."""
-        valid_loss = validation_loss(self.model, self.data.valid, self.device)
+        self.check_health()
+        self.last_eval = self.step
+        valid_loss = validation_loss(self.model, self.data.valid, self.device, self.precision)
         bleu, hyps = self.valid_bleu()
         minutes = (self.elapsed + time.time() - self.start) / 60
         record = {"step": self.step, "epoch": self.epoch, "valid_loss": round(valid_loss, 4),
@@ -313,78 +262,102 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)  # acted on after the current step
 
+    def check_health(self) -> tuple[float, int]:
+        """Read the window's totals from the device; stop if too many batches were non-finite.
+
+        Read at each log line and before each evaluation: a run whose losses have gone
+        non-finite has had every update skipped since, so its weights are still the last
+        good ones, but it is stopped before it writes them as a newer checkpoint.
+        """
+        loss_sum, skipped, bad_in_row = self.totals.read()
+        if bad_in_row >= self.t.max_bad_steps:
+            raise RunError(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
+                           f"stopped. The last good checkpoint is "
+                           f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
+        return loss_sum, skipped
+
+    def log_window(self) -> None:
+        """One log line and metrics record for the steps since the last one."""
+        loss_sum, skipped = self.check_health()
+        steps, tokens = self.step - self.window_step, self.window_tokens
+        seconds = time.time() - self.window_start
+        record = {"step": self.step, "epoch": self.epoch,
+                  "loss": round(loss_sum / max(steps - skipped, 1), 4),
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "tokens_per_s": round(tokens / max(seconds, 1e-9)), "skipped": skipped}
+        self.write_metrics(record)
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=record["tokens_per_s"])
+        log.info("step %d | epoch %d | loss %.3f | lr %.2e | %d tokens/s%s", self.step,
+                 self.epoch, record["loss"], record["lr"], record["tokens_per_s"],
+                 f" | {skipped} skipped (non-finite)" if skipped else "")
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.totals.reset()
+        self.window_step, self.window_tokens, self.window_start = self.step, 0, time.time()
+
+    def train_on(self, batch) -> None:
+        """One step on one batch, and where the run stands after it."""
+        train_step(self.model, batch, self.optimizer, self.scheduler, self.t, self.totals,
+                   self.precision, self.scaler)
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.window_tokens += batch.n_tokens
+        self.progress.update(1)
+
+    def after_step(self) -> str | None:
+        """Save on a signal; log, save and evaluate when due; the reason to stop, if any."""
+        t = self.t
+        if self.signals:
+            path = self.save("last.pt")
+            raise Interrupted(f"interrupted at step {self.step}: saved {path}; resume with "
+                              f"`make train RESUME={self.run_dir}`")
+        if self.step % t.log_every == 0:
+            self.log_window()
+        if t.save_every and self.step % t.save_every == 0:
+            self.save_step_checkpoint()
+        if self.step % t.eval_every == 0:
+            self.evaluate_and_save()
+            self.new_window()  # evaluation is not training time
+        return self.out_of_budget()
+
     def run(self) -> str:
         t = self.t
         self.start = time.time()
-        log.info("run folder %s | device %s | %d threads | %s parameters | %d training pairs, "
-                 "%d batches an epoch%s", self.run_dir, self.device, torch.get_num_threads(),
-                 f"{self.model.num_parameters():,}", len(self.data.train.src),
-                 len(self.data.train),
+        log.info("run folder %s | device %s, %s | %d threads | %s parameters | %d training "
+                 "pairs, %d batches an epoch%s", self.run_dir, self.device, self.precision,
+                 torch.get_num_threads(), f"{self.model.num_parameters():,}",
+                 len(self.data.train.src), len(self.data.train),
                  f" | resumed at step {self.step}" if self.step else "")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
-                        dynamic_ncols=True, disable=None)
-        tokens, loss_sum, n, skipped, window_start = 0, 0.0, 0, 0, time.time()
-        last_eval = self.step if self.step else -1
+        self.progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
+                             dynamic_ncols=True, disable=None)
+        self.new_window()
+        self.last_eval = self.step if self.step else -1  # a resumed run was evaluated there
         try:
             stop = self.out_of_budget()
             while stop is None:
-                for batch in self.data.train.epoch(self.epoch, start=self.batch_in_epoch):
-                    m = train_step(self.model, batch.to(self.device), self.optimizer,
-                                   self.scheduler, t)
-                    self.batch_in_epoch += 1
-                    if m["skipped"]:
-                        self.bad_steps += 1
-                        skipped += 1
-                        if self.bad_steps >= t.max_bad_steps:
-                            raise RunError(
-                                f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
-                                f"stopped. The last good checkpoint is "
-                                f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
-                    else:
-                        self.bad_steps = 0
-                        self.step += 1
-                        tokens, loss_sum, n = tokens + m["tokens"], loss_sum + m["loss"], n + 1
-                        progress.update(1)
-                    if self.signals:
-                        path = self.save("last.pt")
-                        raise Interrupted(
-                            f"interrupted at step {self.step}: saved {path}; resume with "
-                            f"`make train RESUME={self.run_dir}`")
-                    if m["skipped"]:
-                        continue
-                    if self.step % t.log_every == 0:
-                        seconds = time.time() - window_start
-                        record = {"step": self.step, "epoch": self.epoch,
-                                  "loss": round(loss_sum / max(n, 1), 4),
-                                  "lr": self.scheduler.get_last_lr()[0],
-                                  "tokens_per_s": round(tokens / max(seconds, 1e-9)),
-                                  "skipped": skipped}
-                        self.write_metrics(record)
-                        progress.set_postfix(loss=f"{record['loss']:.3f}",
-                                             lr=f"{record['lr']:.2e}", tok_s=record["tokens_per_s"])
-                        log.info("step %d | epoch %d | loss %.3f | lr %.2e | %d tokens/s%s",
-                                 self.step, self.epoch, record["loss"], record["lr"],
-                                 record["tokens_per_s"],
-                                 f" | {skipped} skipped (non-finite)" if skipped else "")
-                        tokens, loss_sum, n, skipped, window_start = 0, 0.0, 0, 0, time.time()
-                    if t.save_every and self.step % t.save_every == 0:
-                        self.save_step_checkpoint()
-                    if self.step % t.eval_every == 0:
-                        self.evaluate_and_save()
-                        last_eval = self.step
-                        window_start = time.time()  # evaluation is not training time
-                    stop = self.out_of_budget()
+                epoch = self.data.train.epoch(self.epoch, start=self.batch_in_epoch)
+                for batch in prefetch(epoch, self.device):
+                    self.train_on(batch)
+                    stop = self.after_step()
                     if stop:
                         break
                 else:  # the epoch ran out
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     stop = self.out_of_budget()
         finally:
-            progress.close()
+            self.progress.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-        if last_eval != self.step:
+        self.finish(stop)
+        return self.run_dir
+
+    def finish(self, stop: str) -> None:
+        """The last evaluation and checkpoints, the average, and what the run reached."""
+        t = self.t
+        if self.last_eval != self.step:
             self.evaluate_and_save()
         if t.save_every and self.step % t.save_every:
             self.save_step_checkpoint()  # the final weights are among those averaged
@@ -395,7 +368,6 @@ class Trainer:
                  self.best_bleu)
         log.info("checkpoints: %s and %s", os.path.join(self.run_dir, "best.pt"),
                  os.path.join(self.run_dir, "last.pt"))
-        return self.run_dir
 
 
 def train(cfg: Config) -> str:
@@ -412,7 +384,7 @@ def resume(run_dir: str, overrides: list[str] = ()) -> str:
 
     path = os.path.join(run_dir, "last.pt")
     state = load_checkpoint(path)
-    if "optimizer" not in state or "rng_torch" not in state:
+    if "optimizer" not in state or not ("rng" in state or "rng_torch" in state):
         raise CheckpointError(f"{path}: has no training state to resume from")
     cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"])
     cfg = with_overrides(cfg, list(overrides), path, sections=("train",))

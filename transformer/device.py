@@ -1,0 +1,99 @@
+"""Device handling in one place: which device, which precision, which random states.
+
+- `pick_device`: 'auto' is CUDA when present, else the CPU.
+- `resolve_precision` and `autocast`: mixed precision with torch.autocast. The
+  weights, the optimizer state and the checkpoints stay float32; inside autocast
+  the matrix multiplies (and attention) run in bfloat16 or float16, while
+  reductions such as softmax, layer norm and the loss stay float32.
+- `rng_state` / `set_rng_state`: every random state a run draws from (Python, the
+  CPU, each CUDA device), so that a resumed run draws the same dropout masks as an
+  uninterrupted one.
+- `set_deterministic`: the switches that make CUDA kernels repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """A device or precision that this machine cannot give; one line for the user."""
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is CUDA when present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device, strict: bool = True) -> str:
+    """'auto' -> 'bf16' on a GPU that has it, else 'fp32'; the others as they are.
+
+    strict=False (translating with a model trained elsewhere) falls back to fp32 where
+    the device cannot give the precision, instead of raising.
+
+    On the CPU 'auto' stays fp32: bf16 autocast measured slower there (README,
+    "What a run costs"), because this model's matrices are too small for the
+    bf16 kernels to win back the casts around them.
+    """
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    problem = None
+    if name == "fp16" and device.type != "cuda":
+        problem = "fp16 needs a CUDA device; use bf16 or fp32 on the CPU"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        problem = "this GPU has no bf16; use fp16 or fp32"
+    if problem and strict:
+        raise DeviceError(f"train.precision: {problem}")
+    return "fp32" if problem else name
+
+
+def autocast(device: torch.device, precision: str):
+    """A context that runs the forward pass at `precision` (no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def rng_state() -> dict:
+    """Every random state a run draws from, as checkpoint data."""
+    state = {"python": random.getstate(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one per device
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved; CUDA states only where the devices still match."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def set_deterministic(on: bool) -> None:
+    """Kernels that give the same bits every run (train.deterministic), at some speed.
+
+    Without this, a CUDA run is repeatable only up to the order of floating-point
+    sums in kernels that use atomics (embedding and index backward, some attention
+    backward kernels): the same run gives losses equal to about 1e-6, not bit for bit.
+    """
+    if on:
+        # cuBLAS needs a fixed workspace to be deterministic; read when it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
