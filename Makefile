@@ -51,8 +51,8 @@ plot:  ## make plot RUN=runs/x: loss, validation BLEU and learning rate against 
 sweep:  ## make sweep [SWEEP=configs/sweep.yaml]: train a grid of configs, tabulate, plot
 	$(BIN)/transformer-sweep $(SWEEP)
 
-bench:  ## training speed against torch.nn.Transformer, FLOP/s, batching, memory (minutes)
-	$(BIN)/python scripts/bench_train.py
+bench:  ## training speed against torch.nn.Transformer, FLOP/s, memory; ARGS="--quick --device cuda"
+	$(BIN)/python scripts/bench_train.py $(ARGS)
 
 bench-decode:  ## cached vs uncached decoding; with CKPT=..., the time to translate test, beam 5
 	$(BIN)/python scripts/bench_decode.py $(if $(CKPT),--ckpt $(CKPT) --beam $(or $(BEAM),5)) $(ARGS)

@@ -1,15 +1,18 @@
 """Training speed, measured side by side in one process (make bench).
 
-1. Training-step throughput (target tokens/s, forward + backward + Adam step) of our
-   model against a reference of identical size built on torch.nn.Transformer (same
-   embeddings, vocabulary, batches, threads), for the default and multi30k sizes.
+On the CPU, or on a GPU when there is one (--device), at train.precision's choice
+(--precision; auto is bf16 on a GPU, fp32 on the CPU):
+1. Training-step throughput (step time, target tokens/s, forward + backward + fused
+   Adam step) of our model against a reference of identical size built on
+   torch.nn.Transformer (same embeddings, vocabulary, batches, precision), for the
+   default and multi30k sizes; on a GPU also the peak GPU memory.
 2. Achieved FLOP/s of our step (counted by torch.utils.flop_counter) as a fraction of
-   this machine's float32 matmul peak, measured in the same run.
+   this device's matmul peak at the same precision, measured in the same run.
 3. Batching on Multi30k: real over padded target tokens of our token-budget batches
    against batches of a fixed number of random sentences, and the epoch time of both.
 4. Peak resident memory of `transformer-train` on the default config (a short run).
 
-    python scripts/bench_train.py [--quick] [--json runs/bench_train.json]
+    python scripts/bench_train.py [--quick] [--device cuda] [--precision bf16]
     python scripts/bench_train.py --profile multi30k   # where a training step's time goes
     python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
 """
@@ -35,9 +38,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.batching import BatchIterator, collate
 from transformer.config import ModelConfig, load_config
 from transformer.data import columns, load_corpus
+from transformer.device import DTYPES, autocast, pick_device, resolve_precision
 from transformer.layers import PositionalEncoding
 from transformer.model import Transformer
-from transformer.step import LOSS_CHUNK, loss_fn
+from transformer.step import LOSS_CHUNK, default_chunk, loss_fn
 from transformer.tokenizer import PAD, load_or_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +65,8 @@ class Reference(nn.Module):
         return self.drop(self.emb(ids) * self.scale + self.pe(ids.size(1)))
 
     def hidden(self, src, tgt):
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), dtype=torch.bool)
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), device=tgt.device,
+                                                                dtype=torch.bool)
         return self.core(self.embed(src), self.embed(tgt), tgt_mask=causal,
                          src_key_padding_mask=src == PAD, tgt_key_padding_mask=tgt == PAD,
                          memory_key_padding_mask=src == PAD, tgt_is_causal=True)
@@ -70,55 +75,78 @@ class Reference(nn.Module):
         return F.linear(hidden, self.emb.weight)
 
 
-def step_fn(model, optimizer):
-    """One training step as train.train_step makes it (same loss), for either model."""
+def step_fn(model, device: torch.device, precision: str):
+    """One training step as train.train_step makes it (same loss, fused Adam, precision),
+    for either model."""
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4, fused=True)
+    chunk = default_chunk(device)
+
     def step(batch):
-        hidden = model.hidden(batch.src, batch.tgt_in)
-        loss = loss_fn(hidden, batch.tgt_out, model.generator, 0.1) / batch.n_tokens
+        with autocast(device, precision):
+            hidden = model.hidden(batch.src, batch.tgt_in)
+            loss = loss_fn(hidden, batch.tgt_out, model.generator, 0.1, chunk,
+                           real=batch.real) / batch.n_tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    """Wait for the device: a GPU runs behind the host, and a clock read alone times the host."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, precision: str, repeats: int = 10) -> float:
+    """FLOP/s of a large square matrix multiply at the step's precision, on this device."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = DTYPES[precision]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times)
 
 
-def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int) -> dict:
+def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device: torch.device,
+               precision: str) -> dict:
     """Ours and the reference on the same batches, interleaved round by round."""
     torch.manual_seed(0)
-    ours = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
-    ref = Reference(cfg, vocab).train()
-    steps = {
-        "ours": step_fn(ours, torch.optim.Adam(ours.parameters(), 1e-4)),
-        "reference": step_fn(ref, torch.optim.Adam(ref.parameters(), 1e-4)),
-    }
+    ours = Transformer(cfg, vocab, vocab, share_embeddings=True).to(device).train()
+    ref = Reference(cfg, vocab).to(device).train()
+    steps = {"ours": step_fn(ours, device, precision), "reference": step_fn(ref, device, precision)}
     tokens = sum(b.n_tokens for b in batches)
     for step in steps.values():  # warm up
         step(batches[0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            sync(device)
             start = time.perf_counter()
             for b in batches:
                 step(b)
+            sync(device)
             seconds[name].append(time.perf_counter() - start)
     with FlopCounterMode(display=False) as counter:
         steps["ours"](batches[0])
     flops_per_token = counter.get_total_flops() / batches[0].n_tokens
     out = {name: tokens / statistics.median(s) for name, s in seconds.items()}
-    return {"ours_tokens_per_s": out["ours"], "reference_tokens_per_s": out["reference"],
-            "ratio": out["ours"] / out["reference"],
-            "params": ours.num_parameters(), "flops_per_token": flops_per_token,
-            "achieved_flops": flops_per_token * out["ours"]}
+    result = {"ours_tokens_per_s": out["ours"], "reference_tokens_per_s": out["reference"],
+              "ratio": out["ours"] / out["reference"],
+              "ours_step_ms": 1000 * statistics.median(seconds["ours"]) / len(batches),
+              "params": ours.num_parameters(), "flops_per_token": flops_per_token,
+              "achieved_flops": flops_per_token * out["ours"]}
+    if device.type == "cuda":  # both models' peak, the larger of the two
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
 
 
 def random_batches(src, tgt, sentences: int, seed: int = 0):
@@ -129,11 +157,12 @@ def random_batches(src, tgt, sentences: int, seed: int = 0):
         yield collate([src[j] for j in idx], [tgt[j] for j in idx])
 
 
-def epoch_time(cfg: ModelConfig, vocab: int, batches) -> tuple[float, float]:
+def epoch_time(cfg: ModelConfig, vocab: int, batches, device: torch.device,
+               precision: str) -> tuple[float, float]:
     """Seconds for one epoch over batches, and the share of it spent making batches."""
     torch.manual_seed(0)
-    model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
-    step = step_fn(model, torch.optim.Adam(model.parameters(), 1e-4))
+    model = Transformer(cfg, vocab, vocab, share_embeddings=True).to(device).train()
+    step = step_fn(model, device, precision)
     start, batching = time.perf_counter(), 0.0
     it = iter(batches)
     while True:
@@ -142,7 +171,8 @@ def epoch_time(cfg: ModelConfig, vocab: int, batches) -> tuple[float, float]:
         batching += time.perf_counter() - t0
         if batch is None:
             break
-        step(batch)
+        step(batch.to(device))
+    sync(device)
     total = time.perf_counter() - start
     return total, batching / total
 
@@ -170,20 +200,25 @@ def peak_memory_of_train() -> float:
     return kb / 1024
 
 
-def profile(name: str, vocab: int, batches: list) -> int:
-    """torch.profiler's table of one training step, operators by their own CPU time."""
+def profile(name: str, vocab: int, batches: list, device: torch.device, precision: str) -> int:
+    """torch.profiler's table of three training steps, operators by their own time on the
+    device (CPU or GPU)."""
     from torch.profiler import profile as torch_profile
 
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                       [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
-    model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
-    step = step_fn(model, torch.optim.Adam(model.parameters(), 1e-4))
+    model = Transformer(cfg, vocab, vocab, share_embeddings=True).to(device).train()
+    step = step_fn(model, device, precision)
+    batches = [b.to(device) for b in batches[:5]]
     for b in batches[:2]:
         step(b)
+    sync(device)
     with torch_profile() as prof:
         for b in batches[2:5]:
             step(b)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
     return 0
 
 
@@ -232,8 +267,15 @@ def main() -> int:
                         "the time goes")
     p.add_argument("--loss", choices=["default", "multi30k"],
                    help="only time the output projection and loss, whole batch against chunks")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="as train.precision (auto: bf16 on a GPU that has it, else fp32)")
     args = p.parse_args()
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "precision": precision}
 
     data_cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
                            [f"data.path={MULTI30K}"]).data
@@ -244,27 +286,31 @@ def main() -> int:
     vocab = tok.src_vocab
 
     if args.profile:
-        return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)))
+        return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)),
+                       device, precision)
     if args.loss:
         return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
 
-    peak = matmul_peak()
+    peak = matmul_peak(device, precision)
     result["matmul_peak_flops"] = peak
-    print(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({result['threads']} threads)")
+    where = result["device"] if device.type == "cuda" else f"{result['threads']} threads"
+    print(f"{precision} matmul peak: {peak / 1e9:.0f} GFLOP/s ({where})")
 
     ours_batches = BatchIterator(src, tgt, 4096, shuffle=True, seed=0)
-    sample = list(ours_batches.epoch(1))[: 4 if args.quick else 12]
-    print(f"\n{'model':10} {'params':>8} {'ours tok/s':>11} {'nn.Transformer':>15} "
-          f"{'ratio':>6} {'GFLOP/s':>8} {'of peak':>8}")
+    sample = [b.to(device) for b in list(ours_batches.epoch(1))[: 4 if args.quick else 12]]
+    gpu = device.type == "cuda"
+    print(f"\n{'model':10} {'params':>8} {'step ms':>8} {'ours tok/s':>11} {'nn.Transformer':>15} "
+          f"{'ratio':>6} {'GFLOP/s':>8} {'of peak':>8}" + (f" {'peak GB':>8}" if gpu else ""))
     for name in ("default", "multi30k"):
         cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                           [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
-        r = throughput(cfg, vocab, sample, rounds=2 if args.quick else 3)
+        r = throughput(cfg, vocab, sample, 2 if args.quick else 3, device, precision)
         r["fraction_of_peak"] = r["achieved_flops"] / peak
         result[name] = r
-        print(f"{name:10} {r['params'] / 1e6:7.2f}M {r['ours_tokens_per_s']:11.0f} "
-              f"{r['reference_tokens_per_s']:15.0f} {r['ratio']:6.2f} "
-              f"{r['achieved_flops'] / 1e9:8.1f} {r['fraction_of_peak']:8.0%}")
+        print(f"{name:10} {r['params'] / 1e6:7.2f}M {r['ours_step_ms']:8.1f} "
+              f"{r['ours_tokens_per_s']:11.0f} {r['reference_tokens_per_s']:15.0f} "
+              f"{r['ratio']:6.2f} {r['achieved_flops'] / 1e9:8.1f} {r['fraction_of_peak']:8.0%}"
+              + (f" {r['peak_gpu_memory_gb']:8.2f}" if gpu else ""))
 
     def efficiency(batches):
         real = padded = 0
@@ -282,8 +328,9 @@ def main() -> int:
     if not args.skip_epochs:
         cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
                           [f"data.path={MULTI30K}"]).model
-        ours_s, ours_share = epoch_time(cfg, vocab, ours_batches.epoch(1))
-        rand_s, rand_share = epoch_time(cfg, vocab, random_batches(src, tgt, 128))
+        ours_s, ours_share = epoch_time(cfg, vocab, ours_batches.epoch(1), device, precision)
+        rand_s, rand_share = epoch_time(cfg, vocab, random_batches(src, tgt, 128), device,
+                                        precision)
         result["batching"].update({"ours_epoch_s": ours_s, "random_epoch_s": rand_s,
                                    "ours_batching_share": ours_share})
         print(f"Multi30k epoch, multi30k model: ours {ours_s:.0f} s (making batches "

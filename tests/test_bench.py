@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_decode_times_each_length(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "scripts/bench_decode.py", "--tokens", "2,4",
-                          "--repeats", "1", "--threads", "1", "--json", str(out)],
+                          "--repeats", "1", "--threads", "1", "--device", "cpu",
+                          "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())

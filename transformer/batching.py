@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenizer import PAD
+from .tokenizer import BOS, EOS, PAD
 
 
 @dataclass
@@ -44,20 +44,32 @@ class Batch:
                      self.n_tokens)
 
 
-def pad(seqs: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
-    """List of id lists -> (B, L_max) tensor, padded on the right."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+def pad(seqs: list[list[int]], pad_id: int = PAD, length: int = 0) -> torch.Tensor:
+    """List of id lists -> (B, L) tensor, padded on the right to the longest (or `length`)."""
+    out = torch.full((len(seqs), max(length, *(len(s) for s in seqs))), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
-def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
-    """Sources as they are; targets <s> y </s> split into decoder input and output."""
-    tgt_t = pad(tgt)
+def collate(src: list[list[int]], tgt: list[list[int]],
+            shape: tuple[int, int] | None = None) -> Batch:
+    """Sources as they are; targets <s> y </s> split into decoder input and output.
+
+    shape (rows, length): pad the batch to exactly rows x length, source and target
+    alike, for a compiled step that must see few shapes. The extra rows are the
+    shortest possible pair, source </s> and target <s>: a row with no real source
+    token would leave its attention nothing to attend to, and they add no loss.
+    """
+    length = 0
+    if shape is not None:
+        rows, length = shape
+        src = src + [[EOS]] * (rows - len(src))
+        tgt = tgt + [[BOS]] * (rows - len(tgt))
+    tgt_t = pad(tgt, length=length + 1 if length else 0)
     tgt_out = tgt_t[:, 1:]
     real = (tgt_out != PAD).flatten().nonzero().squeeze(1)  # (N,), on the host
-    return Batch(pad(src), tgt_t[:, :-1], tgt_out, real, real.numel())
+    return Batch(pad(src, length=length), tgt_t[:, :-1], tgt_out, real, real.numel())
 
 
 def prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
@@ -107,23 +119,35 @@ def token_batches(lengths: list[int], batch_tokens: int, rng: random.Random | No
 
 
 class BatchIterator:
-    """Token-budget batches over encoded (src, tgt) pairs, reshuffled every epoch."""
+    """Token-budget batches over encoded (src, tgt) pairs, reshuffled every epoch.
+
+    bucket > 0 makes few batch shapes, for a compiled step (train.compile): lengths
+    are rounded up to a multiple of `bucket` and a batch of length L is padded to
+    batch_tokens // L rows, so there is one shape per length bucket.
+    """
 
     def __init__(self, src: list[list[int]], tgt: list[list[int]], batch_tokens: int,
-                 shuffle: bool, seed: int = 0):
+                 shuffle: bool, seed: int = 0, bucket: int = 0):
         assert len(src) == len(tgt)
         self.src, self.tgt = src, tgt
         self.batch_tokens = batch_tokens
         self.shuffle = shuffle
         self.seed = seed
+        self.bucket = bucket
         # A pair costs max(source length, target length) positions in its batch.
         self.lengths = [max(len(s), len(t) - 1) for s, t in zip(src, tgt)]
+        if bucket:
+            self.lengths = [-(-n // bucket) * bucket for n in self.lengths]  # rounded up
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from the start-th on; the same epoch gives the same batches."""
         rng = random.Random(self.seed * 100_003 + epoch) if self.shuffle else None
         for idx in token_batches(self.lengths, self.batch_tokens, rng)[start:]:
-            yield collate([self.src[i] for i in idx], [self.tgt[i] for i in idx])
+            shape = None
+            if self.bucket:
+                length = max(self.lengths[i] for i in idx)
+                shape = (max(self.batch_tokens // length, len(idx)), length)
+            yield collate([self.src[i] for i in idx], [self.tgt[i] for i in idx], shape)
 
     def __len__(self) -> int:
         return len(token_batches(self.lengths, self.batch_tokens, None))

@@ -101,6 +101,9 @@ class TrainConfig:
     precision: str = field(default="auto", metadata=_choices("auto", "fp32", "bf16", "fp16"))
     # Kernels that repeat bit for bit on CUDA (slower); the CPU is deterministic anyway.
     deterministic: bool = False
+    # torch.compile the forward pass and loss; batches are padded to a few shapes
+    # (lengths rounded up to multiples of 16), one compilation each.
+    compile: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
     name: str | None = None  # run folder name; None: <config name>-<timestamp>
     runs_dir: str = "runs"

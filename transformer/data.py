@@ -22,10 +22,12 @@ import sqlite3
 import subprocess
 import sys
 import zipfile
-
-from datasets import Dataset, DatasetDict, load_dataset
+from typing import TYPE_CHECKING
 
 from .config import DataConfig
+
+if TYPE_CHECKING:  # `datasets` takes a second to import: only the loaders below import it
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ def load_bible(cfg: DataConfig) -> DatasetDict:
             "ORDER BY a.bNumber, a.cNumber, a.vNumber",
             (cfg.src_lang, cfg.tgt_lang),
         ).fetchall()
+    from datasets import DatasetDict
+
     pairs = [(clean_verse(s), clean_verse(t)) for s, t in rows]
     pairs = [(s, t) for s, t in pairs if s and t]
     order = list(range(len(pairs)))
@@ -139,6 +143,8 @@ def load_multi30k(cfg: DataConfig) -> DatasetDict:
     """Multi30k task 1: a local folder of the raw files, or the Hugging Face Hub."""
     if cfg.path is not None:
         return load_local(cfg.path, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+    from datasets import DatasetDict
+
     try:
         hub = load_dataset(MULTI30K_HUB, cache_dir=os.path.join(cfg.data_dir, "hf_cache"))
     except Exception as e:  # the Hub raises many kinds: connection, HTTP, missing files
@@ -168,6 +174,8 @@ def load_local(path: str, src_lang: str, tgt_lang: str, data_dir: str = "data") 
     TSV: source<TAB>target per line, no header. JSONL: one object per line with the
     two language codes as keys, at the top or under "translation".
     """
+    from datasets import DatasetDict
+
     if not os.path.isdir(path):
         raise DataError(f"data.path: {path!r} is not a folder")
     splits = {}
@@ -230,7 +238,17 @@ def read_lines(file: str) -> list[str]:
         return [line.rstrip("\r\n") for line in f]
 
 
+def load_dataset(*args, **kwargs):
+    """datasets.load_dataset, imported when first used: `datasets` takes a second to
+    import, and translating never needs it."""
+    from datasets import load_dataset as load
+
+    return load(*args, **kwargs)
+
+
 def _dataset(src: list, tgt: list) -> Dataset:
+    from datasets import Dataset
+
     src = ["" if s is None else str(s).strip() for s in src]
     tgt = ["" if t is None else str(t).strip() for t in tgt]
     return Dataset.from_dict({"src": src, "tgt": tgt})

@@ -45,15 +45,47 @@ def loss_fn(hidden: torch.Tensor, target: torch.Tensor, generator: Callable, lab
 
     real: the flat indices of the real positions (N,), as `Batch.real` gives them;
     None finds them from the target (a boolean mask: on a GPU that waits for it).
+    chunk=0 projects every position at once and lets cross_entropy ignore padding:
+    one shape for a compiled step, and fewer, larger kernels for a GPU.
     """
     hidden = hidden.reshape(-1, hidden.size(-1))  # (B*T, D)
     target = target.reshape(-1)  # (B*T,)
+    if not chunk:  # all positions at once; padding is ignored by its id
+        return F.cross_entropy(generator(hidden).float(), target, ignore_index=PAD,
+                               label_smoothing=label_smoothing, reduction="sum")
     if real is None:
         real = (target != PAD).nonzero().squeeze(1)  # (N,)
     hidden, target = hidden.index_select(0, real), target.index_select(0, real)  # (N, D), (N,)
     return sum(F.cross_entropy(generator(h).float(), t, label_smoothing=label_smoothing,
                                reduction="sum")
                for h, t in zip(hidden.split(chunk), target.split(chunk)))
+
+
+def batch_loss(model: Transformer, batch: Batch, label_smoothing: float,
+               chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """The summed loss of a batch: the model's forward pass and loss_fn."""
+    hidden = model.hidden(batch.src, batch.tgt_in)  # (B, T, D)
+    return loss_fn(hidden, batch.tgt_out, model.generator, label_smoothing, chunk, batch.real)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default: generated, fused kernels
+
+
+def compiled_batch_loss() -> Callable:
+    """batch_loss compiled by torch.compile (train.compile), for batches of few shapes.
+
+    dynamic=False compiles one graph per batch shape, so the batches must come in few
+    shapes (BatchIterator's bucket); the limit of graphs kept is raised to hold them all.
+    The whole-batch loss (chunk=0) keeps the graph's shapes those of the batch.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    step = torch.compile(batch_loss, backend=COMPILE_BACKEND, dynamic=False)
+    return lambda model, batch, label_smoothing: step(model, batch, label_smoothing, chunk=0)
+
+
+def default_chunk(device: torch.device) -> int:
+    """Chunks of real tokens on the CPU (its cache); the whole batch on a GPU (fewer kernels)."""
+    return LOSS_CHUNK if device.type == "cpu" else 0
 
 
 @dataclass
@@ -81,21 +113,25 @@ class Totals:
 
 def train_step(model: Transformer, batch: Batch, optimizer: torch.optim.Optimizer, scheduler,
                cfg: TrainConfig, totals: Totals, precision: str = "fp32",
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+               scaler: torch.amp.GradScaler | None = None,
+               forward: Callable | None = None) -> torch.Tensor:
     """Forward, backward and update on one batch; returns the loss per real target token
     (a tensor on the device: reading it makes the host wait).
 
     A non-finite loss or gradient skips the update (counted in totals.skipped), so
     that one bad batch cannot write inf or nan into the weights. The optimizer must
     be fused Adam (`make_optimizer`), which skips on the device. With fp16 the
-    gradient scaler does the same, and also lowers its scale.
+    gradient scaler does the same, and also lowers its scale. forward(model, batch,
+    label_smoothing) -> summed loss: batch_loss (default) or its compiled form.
     """
     model.train()
     device = batch.src.device
     with autocast(device, precision):
-        hidden = model.hidden(batch.src, batch.tgt_in)  # (B, T, D)
-        loss = loss_fn(hidden, batch.tgt_out, model.generator, cfg.label_smoothing,
-                       real=batch.real) / batch.n_tokens
+        if forward is None:
+            loss = batch_loss(model, batch, cfg.label_smoothing, default_chunk(device))
+        else:
+            loss = forward(model, batch, cfg.label_smoothing)
+        loss = loss / batch.n_tokens
     optimizer.zero_grad(set_to_none=True)
     max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
     if scaler is not None:
@@ -138,7 +174,6 @@ def validation_loss(model: Transformer, batches: BatchIterator, device: torch.de
     for batch in batches.epoch():
         batch = batch.to(device)
         with autocast(device, precision):
-            hidden = model.hidden(batch.src, batch.tgt_in)
-            total += loss_fn(hidden, batch.tgt_out, model.generator, 0.0, real=batch.real)
+            total += batch_loss(model, batch, 0.0, default_chunk(device))
         n += batch.n_tokens
     return total.item() / max(n, 1)

@@ -32,18 +32,11 @@ from .device import (
     set_rng_state,
 )
 from .evaluate import score
-from .step import Totals, make_optimizer, train_step, validation_loss
+from .runs import Interrupted, RunError, make_run_dir
+from .step import Totals, compiled_batch_loss, make_optimizer, train_step, validation_loss
 from .tokenizer import Tokenizer, load_or_train
 
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or go on (an unwritable run folder, ...); one line for the user."""
-
-
-class Interrupted(RuntimeError):
-    """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
 
 
 def inverse_sqrt_schedule(warmup_steps: int):
@@ -67,6 +60,9 @@ class Prepared:
     valid_ref: list[str]
 
 
+COMPILE_BUCKET = 16  # with train.compile, batch lengths are multiples of this
+
+
 def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
     """Load the corpus, train or load the tokenizer (unless given), encode and batch."""
     corpus = load_corpus(cfg.data)
@@ -84,7 +80,8 @@ def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
         log.info("length filter (%d tokens): kept %d of %d training pairs",
                  limit, len(keep), len(src_ids))
     train = BatchIterator([src_ids[i] for i in keep], [tgt_ids[i] for i in keep],
-                          cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed)
+                          cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed,
+                          bucket=COMPILE_BUCKET if cfg.train.compile else 0)
     valid_src, valid_ref = columns(corpus["valid"])
     # Validation keeps long pairs (no length filter), cut only to what the model can hold.
     most = cfg.model.max_positions
@@ -92,21 +89,6 @@ def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
     v_tgt = [t[:most + 1] for t in tokenizer.encode_tgt(valid_ref)]
     valid = BatchIterator(v_src, v_tgt, cfg.train.batch_tokens, shuffle=False)
     return Prepared(tokenizer, train, valid, valid_src, valid_ref)
-
-
-def make_run_dir(cfg: Config) -> str:
-    """runs/<name>, created now so that an unwritable place fails before any training."""
-    name = cfg.train.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(cfg.train.runs_dir, name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as e:
-        raise RunError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
-    return run_dir
 
 
 class Trainer:
@@ -134,6 +116,8 @@ class Trainer:
         # fp16 has too few exponent bits for small gradients: scale the loss up first.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.totals = Totals.zeros(self.device)  # loss and skipped batches, on the device
+        self.forward = compiled_batch_loss() if self.t.compile else None
+        self.shapes: set[tuple[int, ...]] = set()  # batch shapes the step has seen
         # Where the run stands: all of it goes into every checkpoint.
         self.step = 0  # training batches taken (an update each, unless skipped as non-finite)
         self.epoch = 1  # the epoch in progress
@@ -300,7 +284,8 @@ class Trainer:
     def train_on(self, batch) -> None:
         """One step on one batch, and where the run stands after it."""
         train_step(self.model, batch, self.optimizer, self.scheduler, self.t, self.totals,
-                   self.precision, self.scaler)
+                   self.precision, self.scaler, self.forward)
+        self.shapes.add(tuple(batch.tgt_out.shape))
         self.step += 1
         self.batch_in_epoch += 1
         self.window_tokens += batch.n_tokens
@@ -363,6 +348,9 @@ class Trainer:
             self.save_step_checkpoint()  # the final weights are among those averaged
         if t.average_at_end and t.keep_checkpoints:
             self.average()
+        if self.t.compile:
+            log.info("compiled step: %d batch shapes (rows x length) in this process: %s",
+                     len(self.shapes), ", ".join(f"{b}x{n}" for b, n in sorted(self.shapes)))
         log.info("stopped by %s at step %d, epoch %d, after %.1f minutes; best valid BLEU %.2f",
                  stop, self.step, self.epoch, (self.elapsed + time.time() - self.start) / 60,
                  self.best_bleu)
