@@ -29,10 +29,13 @@ lint:
 train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8"] [RESUME=runs/x]
 	$(BIN)/transformer-train --config $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
 
-# SENTENCE is read from the environment ("$$SENTENCE") so that quotes in it survive.
+# The sentence reaches the program as typed: through the environment, so that quotes
+# survive, and unexpanded ($(value)), so that make does not eat "$1" or "$(HOME)" in it.
+export SENTENCE_TEXT = $(value SENTENCE)
+
 translate:  ## make translate SENTENCE="..." [CKPT=runs/x/best.pt]; without SENTENCE: stdin
 	@$(BIN)/transformer-translate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
-		$(if $(SENTENCE),-- "$$SENTENCE")
+		$(if $(value SENTENCE),-- "$$SENTENCE_TEXT")
 
 evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data.path=..."]
 	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
@@ -43,7 +46,7 @@ average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*
 
 attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of all attentions
 	@$(BIN)/transformer-attention $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
-		-- "$$SENTENCE"
+		-- "$$SENTENCE_TEXT"
 
 plot:  ## make plot RUN=runs/x: loss, validation BLEU and learning rate against steps
 	@$(BIN)/transformer-plot $(RUN)

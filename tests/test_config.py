@@ -67,6 +67,13 @@ def test_overrides_are_typed():
     ("data:\n  corpus: files\n", r"data.path: expected the folder"),
     ("data:\n  joint_vocab: false\nmodel:\n  share_embeddings: true\n", r"needs data.joint_vocab"),
     ("model: [1, 2\n", r"not valid YAML"),
+    ("model:\n  d_model: 64\nmodel:\n  n_heads: 2\n",
+     r"\(line 3\): the key 'model' is given twice"),
+    ("model:\n  d_model: 64\n  d_model: 32\n", r"\(line 3\): the key 'd_model' is given twice"),
+    ("train:\n  lr: .inf\n", r"train.lr: expected a finite number, got inf"),
+    ("decode:\n  max_len_a: .inf\n", r"decode.max_len_a: expected a finite number"),
+    ("train:\n  lr: .nan\n", r"train.lr: expected a finite number, got nan"),
+    ("train:\n  lr: fast\n", r"train.lr: expected float, got 'fast'"),
     ("- just\n- a list\n", r"expected a mapping"),
 ])
 def test_bad_values_raise_one_error_naming_file_and_key(tmp_path, text, message):
@@ -74,6 +81,21 @@ def test_bad_values_raise_one_error_naming_file_and_key(tmp_path, text, message)
     with pytest.raises(ConfigError, match=message) as e:
         load_config(path)
     assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def test_learning_rates_written_as_people_write_them():
+    # YAML 1.1 reads 3e-3 (no dot) as text; a config or an override means the number.
+    assert load_config(TINY_CONFIG, ["train.lr=5e-4"]).train.lr == 0.0005
+    assert load_config(TINY_CONFIG, ["train.lr=1E-3", "decode.max_len_a=1e0"]).train.lr == 0.001
+
+
+def test_learning_rate_in_a_file_as_3e_3(tmp_path):
+    assert load_config(_write(tmp_path, "train:\n  lr: 3e-3\n")).train.lr == 0.003
+
+
+def test_infinity_on_the_command_line_is_refused():
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(TINY_CONFIG, ["train.lr=.inf"])
 
 
 def test_missing_config_file():

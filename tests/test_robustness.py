@@ -62,7 +62,9 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path, device):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path, signum):
+    # SIGHUP: the terminal was closed or the SSH session dropped.
     args = [_bin("transformer-train"), "--config", TINY_CONFIG, f"train.runs_dir={tmp_path}",
             "train.name=sig", f"data.data_dir={tmp_path}/data", "train.max_steps=100000",
             "train.log_every=1", "train.device=cpu"]
@@ -72,7 +74,7 @@ def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path):
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
@@ -238,3 +240,15 @@ def test_resuming_a_state_that_does_not_fit_is_one_line(tmp_path):
         resume(run, ["train.max_steps=6"])
     assert open(path, "rb").read() == before
     assert open(os.path.join(run, "config.yaml")).read() == config_before  # still max_steps 3
+
+
+def test_bytes_that_are_not_utf8_are_replaced_and_lines_stay_aligned(tiny_ckpt):
+    r = subprocess.run([_bin("transformer-translate"), "--ckpt", tiny_ckpt],
+                       input=b"one two\n\xff\xfe three\nfour\n", capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert len(r.stdout.decode().splitlines()) == 3
+    assert b"line 2: not UTF-8" in r.stderr
+    r = subprocess.run([_bin("transformer-translate"), "--ckpt", tiny_ckpt, b"three \xff four"],
+                       capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert len(r.stdout.decode().splitlines()) == 1

@@ -196,3 +196,17 @@ def test_toy_corpus_is_what_the_generator_writes(tmp_path):
     main(str(tmp_path))
     for name in os.listdir(TOY):
         assert (tmp_path / name).read_text() == open(os.path.join(TOY, name)).read(), name
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("target", ["translate", "attention"])
+def test_make_passes_the_sentence_as_typed(tmp_path, target):
+    # A stand-in for the commands that prints the arguments it was given.
+    for name in ("transformer-translate", "transformer-attention"):
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\nfor a in \"$@\"; do printf '[%s]\\n' \"$a\"; done\n")
+        fake.chmod(0o755)
+    sentence = "Pay $100 to Moses. $(HOME) ${PATH} \"quoted\" it's `date` \\n 100%"
+    r = _make(target, f"BIN={tmp_path}", f"SENTENCE={sentence}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"[{sentence}]"

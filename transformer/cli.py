@@ -121,13 +121,23 @@ def _translate(argv: list[str]) -> int:
     device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     if args.sentences:
-        for line in translate(model, tokenizer, args.sentences, cfg.decode, device,
+        # Arguments that are not UTF-8 arrive with their bytes escaped; replace them.
+        sentences = [s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                     for s in args.sentences]
+        for line in translate(model, tokenizer, sentences, cfg.decode, device,
                               precision=precision):
             print(line)
         return 0
     # Standard input: translate in chunks so that long inputs stream with bounded memory.
     chunk: list[str] = []
-    for line in sys.stdin:
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # translate what can be read; keep the line
+            line = raw.decode("utf-8", "replace")
+            logging.getLogger(__name__).warning(
+                "standard input, line %d: not UTF-8; the bytes that are not were replaced "
+                "by U+FFFD", number)
         chunk.append(line.rstrip("\r\n"))
         if len(chunk) == 512:
             _print_translations(model, tokenizer, chunk, cfg, device, precision)

@@ -9,6 +9,7 @@ message names the file, the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -102,7 +103,7 @@ class TrainConfig:
     # Kernels that repeat bit for bit on CUDA (slower); the CPU is deterministic anyway.
     deterministic: bool = False
     # torch.compile the forward pass and loss; batches are padded to a few shapes
-    # (lengths rounded up to multiples of 16), one compilation each.
+    # (lengths rounded up to multiples of 8), one compilation each.
     compile: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's choice
     name: str | None = None  # run folder name; None: <config name>-<timestamp>
@@ -159,15 +160,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-3 and 5e-4 (no dot in the mantissa) as text; they are numbers.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     elif tp is str:
         # YAML reads `src_lang: 4` as an int; a language code is text either way.
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)
         value = str(value) if ok else value
     elif tp is tuple:
         ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
         )
         value = tuple(float(v) for v in value) if ok else value
     if not ok:
@@ -295,7 +305,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 class _SafeNoAliasLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader (no tags that build objects), refusing anchors and aliases too.
+    """yaml.safe_load's loader (no tags that build objects), refusing anchors, aliases and
+    keys given twice.
 
     A config never needs them, and aliases nested in aliases can expand a small file
     into billions of nodes.
@@ -305,6 +316,18 @@ class _SafeNoAliasLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             raise yaml.YAMLError("anchors and aliases (&name, *name) are not allowed in a config")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is a mistake (a second `model:` block would silently replace
+        the first), not the last one winning as plain YAML has it."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:

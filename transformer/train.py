@@ -60,7 +60,8 @@ class Prepared:
     valid_ref: list[str]
 
 
-COMPILE_BUCKET = 16  # with train.compile, batch lengths are multiples of this
+COMPILE_BUCKET = 8  # with train.compile, batch lengths are multiples of this
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # stop cleanly, save last.pt
 
 
 def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
@@ -315,7 +316,8 @@ class Trainer:
                  torch.get_num_threads(), f"{self.model.num_parameters():,}",
                  len(self.data.train.src), len(self.data.train),
                  f" | resumed at step {self.step}" if self.step else "")
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Ctrl-C, kill, and a closed terminal or dropped SSH session (SIGHUP) alike.
+        handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self.progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
                              dynamic_ncols=True, disable=None)
         self.new_window()
