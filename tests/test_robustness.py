@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import transformer.train as train_mod
-from conftest import ROOT, TINY_CONFIG
+from conftest import MULTI30K, ROOT, TINY_CONFIG
 from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from transformer.config import ConfigError, load_config
 from transformer.train import RunError, Trainer, make_run_dir, resume, train, train_step
@@ -252,3 +252,70 @@ def test_bytes_that_are_not_utf8_are_replaced_and_lines_stay_aligned(tiny_ckpt):
                        capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
     assert len(r.stdout.decode().splitlines()) == 1
+
+
+def test_a_folder_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
+    run = train(_cfg(tmp_path, "train.name=x", "train.max_steps=5"))
+    before = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
+    with pytest.raises(RunError, match=r"x already holds a run \(last.pt, best.pt, config.yaml, "
+                                       r"metrics.jsonl\); resume it with `make train RESUME="):
+        train(_cfg(tmp_path, "train.name=x", "train.max_steps=5"))
+    after = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
+    assert after == before
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    from transformer.runs import run_lock
+
+    run = train(_cfg(tmp_path, "train.name=busy", "train.max_steps=5"))
+    with run_lock(run):  # as if another process were training it
+        with pytest.raises(RunError, match=rf"busy is in use by another training \(pid "
+                                           rf"{os.getpid()}\)"):
+            resume(run, ["train.max_steps=10"])
+    resume(run, ["train.max_steps=10"])  # free again
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 10
+
+
+def test_interrupted_final_evaluation_keeps_every_step_and_resume_finishes_it(tmp_path,
+                                                                              monkeypatch):
+    cfg = _cfg(tmp_path, "train.name=end", "train.max_steps=30", "train.eval_every=20",
+               "train.keep_checkpoints=2", "train.average_at_end=true")
+
+    real = train_mod.validation_loss
+    calls = []
+
+    def ctrl_c_in_the_final_evaluation(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first is at step 20, the second after the last step
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "validation_loss", ctrl_c_in_the_final_evaluation)
+    with pytest.raises(train_mod.Interrupted, match="interrupted at step 30 after training"):
+        train(cfg)
+    run = os.path.join(tmp_path, "runs", "end")
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 30
+    assert not os.path.exists(os.path.join(run, "average.pt"))
+    monkeypatch.setattr(train_mod, "validation_loss", real)
+    resume(run)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        evals = [r["step"] for r in map(json.loads, f) if "valid_loss" in r]
+    assert evals == [20, 30] and os.path.exists(os.path.join(run, "average.pt"))
+
+
+@pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="../shared/multi30k is absent")
+def test_sigterm_while_the_tokenizer_trains_leaves_nothing_behind(tmp_path):
+    # Multi30k's 8,000-piece tokenizer takes seconds to train: long enough to stop it.
+    args = [_bin("transformer-train"), "--config", "configs/multi30k.yaml",
+            f"data.path={MULTI30K}", f"data.data_dir={tmp_path}/data",
+            f"train.runs_dir={tmp_path}/runs", "train.name=tok", "train.device=cpu"]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "training a SentencePiece" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    tokenizers = tmp_path / "data" / "tokenizers"
+    assert not tokenizers.exists() or not list(tokenizers.iterdir())

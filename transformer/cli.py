@@ -10,6 +10,7 @@ import argparse
 import glob
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -49,9 +50,20 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
-    """Run main; a user's error prints one line and returns 2, Ctrl-C returns 130."""
+    """Run main; a user's error prints one line and returns 2, Ctrl-C returns 130.
+
+    SIGTERM and SIGHUP (a closed terminal) interrupt as Ctrl-C does, so that cleanup
+    code runs (temporary files, half-trained tokenizers) instead of the process just
+    ending. Training catches all three itself to save last.pt first.
+    """
     _setup_logging()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as e:

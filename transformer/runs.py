@@ -6,6 +6,8 @@ checkpoints (last.pt, best.pt, step-*.pt, average.pt).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 
@@ -20,10 +22,22 @@ class Interrupted(RuntimeError):
     """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
 
 
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl")  # what makes a folder a run
+
+
 def make_run_dir(cfg: Config) -> str:
-    """runs/<name>, created now so that an unwritable place fails before any training."""
+    """runs/<name>, created now so that an unwritable place fails before any training.
+
+    A folder that already holds a run is refused: training into it would replace its
+    checkpoints and mix two runs' metrics.
+    """
     name = cfg.train.name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.train.runs_dir, name)
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if found:
+        raise RunError(f"{run_dir} already holds a run ({', '.join(found)}); resume it with "
+                       f"`make train RESUME={run_dir}`, or give this one another "
+                       "train.name")
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write-test")
@@ -33,3 +47,31 @@ def make_run_dir(cfg: Config) -> str:
     except OSError as e:
         raise RunError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
     return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Hold the run folder for this process: a second training of it is refused.
+
+    An advisory lock (flock) on run_dir/.lock, released when the process ends however
+    it ends, so a killed run never leaves its folder locked.
+    """
+    path = os.path.join(run_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise RunError(f"{run_dir} is in use by another training (pid {pid}); wait for it "
+                       "to end, or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import statistics
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ import yaml
 
 from .checkpoint import model_from_checkpoint
 from .config import ConfigError, _SafeNoAliasLoader, load_config, parse_override
-from .train import Trainer, make_run_dir, resume
+from .train import resume, train
 from .visualize import pyplot, read_metrics
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,10 @@ def run_point(sweep: Sweep, point: dict) -> dict:
     else:
         log.info("sweep %s: training %s", sweep.name, run_dir)
         cfg = load_config(sweep.base, _overrides(sweep, point))
-        Trainer(cfg, make_run_dir(cfg)).run()
+        if os.path.isdir(run_dir):  # an attempt killed before its first checkpoint
+            log.info("sweep %s: %s has no checkpoint; starting it again", sweep.name, run_dir)
+            shutil.rmtree(run_dir)
+        train(cfg)
     row = summarize(run_dir, point)
     tmp = result_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -81,7 +81,9 @@ def _cache_key(cfg: DataConfig, src: list[str], tgt: list[str]) -> str:
 
 
 def _train_one(lines: list[str], vocab_size: int, model_type: str, prefix: str) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+    # The text goes beside the model, in load_or_train's temporary folder, which is
+    # removed whatever happens.
+    with open(prefix + ".txt", "w", encoding="utf-8") as f:
         f.write("\n".join(line for line in lines if line) + "\n")
     try:
         spm.SentencePieceTrainer.train(

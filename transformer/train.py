@@ -20,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from .batching import BatchIterator, prefetch
-from .checkpoint import average_checkpoints, build, save_checkpoint, step_checkpoints
+from .checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    build,
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+)
 from .config import Config, from_dict, save_config, to_dict, with_overrides
 from .data import columns, load_corpus
 from .decode import translate
@@ -32,7 +39,7 @@ from .device import (
     set_rng_state,
 )
 from .evaluate import score
-from .runs import Interrupted, RunError, make_run_dir
+from .runs import Interrupted, RunError, make_run_dir, run_lock
 from .step import Totals, compiled_batch_loss, make_optimizer, train_step, validation_loss
 from .tokenizer import Tokenizer, load_or_train
 
@@ -126,6 +133,7 @@ class Trainer:
         self.best_bleu = -1.0
         self.evals_since_best = 0
         self.elapsed = 0.0  # seconds of training before this process started
+        self.last_eval = -1  # the step of the last evaluation
         if resume is not None:
             self._load(resume)
             # The config the run goes on under: the resume's train.* overrides included.
@@ -147,6 +155,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "evals_since_best": self.evals_since_best,
                 "elapsed": self.elapsed + time.time() - self.start,
+                "last_eval": self.last_eval,
                 "rng": rng_state(),
             })
             if self.scaler is not None:
@@ -167,6 +176,7 @@ class Trainer:
         self.batch_in_epoch = state["batch_in_epoch"]
         self.best_bleu, self.evals_since_best = state["best_bleu"], state["evals_since_best"]
         self.elapsed = state["elapsed"]
+        self.last_eval = state.get("last_eval", self.step)  # older checkpoints: at every save
         # Checkpoints written before the CUDA states were saved hold the first two only.
         set_rng_state(state.get("rng") or {"python": state["rng_python"],
                                            "cpu": state["rng_torch"]})
@@ -321,7 +331,6 @@ class Trainer:
         self.progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
                              dynamic_ncols=True, disable=None)
         self.new_window()
-        self.last_eval = self.step if self.step else -1  # a resumed run was evaluated there
         try:
             stop = self.out_of_budget()
             while stop is None:
@@ -338,13 +347,20 @@ class Trainer:
             self.progress.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-        self.finish(stop)
+        try:
+            self.finish(stop)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (cli.py) in the final work
+            raise Interrupted(
+                f"interrupted at step {self.step} after training, before the final evaluation "
+                f"and averaging ended: {os.path.join(self.run_dir, 'last.pt')} holds every "
+                f"step; `make train RESUME={self.run_dir}` finishes them") from None
         return self.run_dir
 
     def finish(self, stop: str) -> None:
         """The last evaluation and checkpoints, the average, and what the run reached."""
         t = self.t
         if self.last_eval != self.step:
+            self.save("last.pt")  # every step trained is kept before the evaluation starts
             self.evaluate_and_save()
         if t.save_every and self.step % t.save_every:
             self.save_step_checkpoint()  # the final weights are among those averaged
@@ -362,7 +378,9 @@ class Trainer:
 
 def train(cfg: Config) -> str:
     """Train a model as the config says; returns the run folder."""
-    return Trainer(cfg, make_run_dir(cfg)).run()
+    run_dir = make_run_dir(cfg)
+    with run_lock(run_dir):
+        return Trainer(cfg, run_dir).run()
 
 
 def resume(run_dir: str, overrides: list[str] = ()) -> str:
@@ -370,12 +388,11 @@ def resume(run_dir: str, overrides: list[str] = ()) -> str:
 
     overrides may change train.* keys only (say, a larger train.max_steps).
     """
-    from .checkpoint import CheckpointError, load_checkpoint
-
     path = os.path.join(run_dir, "last.pt")
     state = load_checkpoint(path)
     if "optimizer" not in state or not ("rng" in state or "rng_torch" in state):
         raise CheckpointError(f"{path}: has no training state to resume from")
     cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"])
     cfg = with_overrides(cfg, list(overrides), path, sections=("train",))
-    return Trainer(cfg, run_dir, resume=state).run()
+    with run_lock(run_dir):
+        return Trainer(cfg, run_dir, resume=state).run()
