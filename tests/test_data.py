@@ -170,3 +170,32 @@ def test_length_bucketing_wastes_little_on_padding():
     first = [b.src.tolist() for b in it.epoch(2)]
     assert first == [b.src.tolist() for b in it.epoch(2)]  # same epoch, same batches
     assert first != [b.src.tolist() for b in it.epoch(3)]  # next epoch, new order
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train.tsv", b"one\teins\ntwo\tzwei\tdrei\n",
+     r"train.tsv, line 2: expected source<TAB>target, found 3 tab-separated fields"),
+    ("train.tsv", b"one\teins\nno tab here\n", r"train.tsv, line 2: expected source<TAB>target"),
+    ("train.jsonl", b'{"en": "one", "de": "eins"}\n{"en": "two", "de": \n',
+     r"train.jsonl, line 2: not valid JSON \(Expecting value, column 21\)"),
+    ("train.jsonl", b'{"en": "one", "de": "eins"}\n["en", "de"]\n',
+     r"train.jsonl, line 2: expected an object with the keys 'en' and 'de'"),
+    ("train.en", "one\ntwo\nfünf\n".encode("latin-1"),
+     r"train.en, line 3: not UTF-8 \(byte 0xfc at column 2\)"),
+])
+def test_broken_files_are_one_line_naming_file_line_and_problem(tmp_path, name, content,
+                                                                 message):
+    (tmp_path / name).write_bytes(content)
+    if name == "train.en":
+        (tmp_path / "train.de").write_text("eins\nzwei\nfünf\n")
+    with pytest.raises(DataError, match=message) as e:
+        load_local(str(tmp_path), "en", "de")
+    assert "\n" not in str(e.value)
+
+
+def test_a_truncated_gzip_file_is_one_line(tmp_path):
+    data = gzip.compress(("a line of text\n" * 2000).encode())
+    (tmp_path / "train.en.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "train.de").write_text("x\n")
+    with pytest.raises(DataError, match=r"train.en.gz: not a complete gzip file"):
+        load_local(str(tmp_path), "en", "de")

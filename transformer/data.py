@@ -14,6 +14,7 @@ and test (test may be missing for `files`), each with the columns `src` and `tgt
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import zipfile
+import zlib
 from typing import TYPE_CHECKING
 
 from .config import DataConfig
@@ -207,22 +209,38 @@ def _load_split(path, stem, src_lang, tgt_lang, data_dir) -> Dataset | None:
             raise DataError(f"{src_file} has {len(src)} lines but {tgt_file} has {len(tgt)}; "
                             "parallel files must be line-aligned")
         return _dataset(src, tgt)
-    cache = os.path.join(data_dir, "hf_cache")
     tsv = _find(path, f"{stem}.tsv")
     if tsv:
-        ds = load_dataset("csv", data_files=tsv, split="train", delimiter="\t", header=None,
-                          names=["src", "tgt"], quoting=3, keep_default_na=False,
-                          cache_dir=cache)
-        return _dataset(ds["src"], ds["tgt"])
+        src, tgt = [], []
+        for number, line in enumerate(read_lines(tsv), 1):
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise DataError(f"{tsv}, line {number}: expected source<TAB>target, found "
+                                f"{len(fields)} tab-separated fields")
+            src.append(fields[0])
+            tgt.append(fields[1])
+        return _dataset(src, tgt)
     jsonl = _find(path, f"{stem}.jsonl")
     if jsonl:
-        ds = load_dataset("json", data_files=jsonl, split="train", cache_dir=cache)
-        rows = [row.get("translation") or row for row in ds]
-        try:
-            return _dataset([r[src_lang] for r in rows], [r[tgt_lang] for r in rows])
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{jsonl}: a line has no key {e}; expected {src_lang!r} and "
-                            f"{tgt_lang!r}") from None
+        src, tgt = [], []
+        for number, line in enumerate(read_lines(jsonl), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{jsonl}, line {number}: not valid JSON ({e.msg}, column "
+                                f"{e.colno})") from None
+            row = row.get("translation", row) if isinstance(row, dict) else row
+            if not (isinstance(row, dict) and src_lang in row and tgt_lang in row):
+                raise DataError(f"{jsonl}, line {number}: expected an object with the keys "
+                                f"{src_lang!r} and {tgt_lang!r} (at the top or under "
+                                "\"translation\")")
+            src.append(row[src_lang])
+            tgt.append(row[tgt_lang])
+        return _dataset(src, tgt)
     return None
 
 
@@ -232,10 +250,26 @@ def columns(ds: Dataset) -> tuple[list[str], list[str]]:
 
 
 def read_lines(file: str) -> list[str]:
-    """The lines of a text file, gzipped or not, without their line ends."""
+    """The lines of a UTF-8 text file, gzipped or not, without their line ends.
+
+    A line that is not UTF-8, or a gzip file cut short, is one DataError naming the file
+    (and the line).
+    """
     opener = gzip.open if file.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
+    lines = []
+    try:
+        with opener(file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    lines.append(raw.decode("utf-8").rstrip("\r\n"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{file}, line {number}: not UTF-8 (byte "
+                                    f"0x{raw[e.start]:02x} at column {e.start + 1}); convert "
+                                    "the file to UTF-8, e.g. with iconv") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{file}: not a complete gzip file ({e}); after line {len(lines)}"
+                        ) from None
+    return lines
 
 
 def load_dataset(*args, **kwargs):
