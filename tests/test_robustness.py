@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import transformer.train as train_mod
-from conftest import MULTI30K, ROOT, TINY_CONFIG
+from conftest import MULTI30K, ROOT, TINY_CONFIG, TOY
 from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from transformer.config import ConfigError, load_config
 from transformer.train import RunError, Trainer, make_run_dir, resume, train, train_step
@@ -319,3 +319,26 @@ def test_sigterm_while_the_tokenizer_trains_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130
     tokenizers = tmp_path / "data" / "tokenizers"
     assert not tokenizers.exists() or not list(tokenizers.iterdir())
+
+
+def test_evaluate_with_a_checkpoint_in_a_read_only_folder_prints_the_scores(
+        tiny_ckpt, tmp_path, monkeypatch, capsys):
+    # Root may write anywhere, so the read-only folder is played by an `open` that refuses it.
+    import builtins
+
+    import transformer.cli as cli
+
+    folder = os.path.dirname(tiny_ckpt)
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.dirname(os.path.abspath(path)) == folder:
+            raise PermissionError(13, "Permission denied")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "open", read_only_open, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.evaluate_main(["--ckpt", tiny_ckpt, "--device", "cpu", f"data.path={TOY}"]) == 0
+    out, err = capsys.readouterr()
+    assert "BLEU           = " in out and "hypotheses: best.test.hyp.txt" in out
+    assert f"cannot write the hypotheses to {folder}/best.test.hyp.txt: Permission denied" in err
+    assert len((tmp_path / "best.test.hyp.txt").read_text().splitlines()) == 100

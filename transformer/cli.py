@@ -220,14 +220,21 @@ def _evaluate(argv: list[str]) -> int:
     out = os.path.join(os.path.dirname(ckpt) or ".",
                        f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}"
                        f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
-    with open(out, "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hyps))
     s = score(hyps, refs)
     print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}: "
           f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
     for line in s.lines():
         print(line)
-    print(f"hypotheses: {out}")
+    sys.stdout.flush()  # the scores are out before anything can fail
+    for where in (out, os.path.basename(out)):  # beside the checkpoint, else here
+        try:
+            with open(where, "w", encoding="utf-8") as f:
+                f.write("".join(h + "\n" for h in hyps))
+        except OSError as e:
+            print(f"cannot write the hypotheses to {where}: {e.strerror or e}", file=sys.stderr)
+            continue
+        print(f"hypotheses: {where}")
+        return 0
     return 0
 
 
