@@ -123,7 +123,7 @@ class Transformer(nn.Module):
     def hidden(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """As `forward`, but the decoder's output (B, T, D) before the output projection.
 
-        Training projects it to the vocabulary itself, a chunk at a time (train.loss_fn).
+        Training projects it to the vocabulary itself, a chunk at a time (step.loss_fn).
         """
         memory, src_mask = self.encode(src)
         return self.decode_hidden(tgt, memory, src_mask)
