@@ -342,3 +342,36 @@ def test_evaluate_with_a_checkpoint_in_a_read_only_folder_prints_the_scores(
     assert "BLEU           = " in out and "hypotheses: best.test.hyp.txt" in out
     assert f"cannot write the hypotheses to {folder}/best.test.hyp.txt: Permission denied" in err
     assert len((tmp_path / "best.test.hyp.txt").read_text().splitlines()) == 100
+
+
+def test_a_moved_corpus_can_be_resumed_with_its_new_path(tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(TOY, corpus)
+    run = train(_cfg(tmp_path, "train.name=moved", "train.max_steps=5", f"data.path={corpus}"))
+    corpus.rename(tmp_path / "elsewhere")
+    resume(run, ["train.max_steps=8", f"data.path={tmp_path}/elsewhere"])
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 8
+    with open(os.path.join(run, "config.yaml")) as f:
+        assert yaml.safe_load(f)["data"]["path"] == f"{tmp_path}/elsewhere"
+
+
+def test_hand_edits_of_a_runs_config_are_applied_when_safe_and_refused_otherwise(tmp_path):
+    run = train(_cfg(tmp_path, "train.name=edited", "train.max_steps=5"))
+    path = os.path.join(run, "config.yaml")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw["train"]["max_steps"] = 7  # a budget: safe
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    resume(run)
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 7
+    raw["model"]["d_ff"] = 128  # the model: the weights were not trained for it
+    raw["train"]["max_steps"] = 9
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    with pytest.raises(RunError, match=r"config.yaml: model.d_ff was changed to 128 but the run "
+                                       r"was trained with 64; a resumed run can change only"):
+        resume(run)
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 7

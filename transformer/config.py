@@ -330,7 +330,7 @@ class _SafeNoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str, overrides: list[str] = ()) -> Config:
+def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
     """Read a YAML config, apply dotted overrides, validate, freeze."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -355,18 +355,21 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
         raw[section][key] = value
     source = path + (" (with overrides)" if overrides else "")
     name = os.path.splitext(os.path.basename(path))[0]
-    return from_dict(raw, source, name)
+    return from_dict(raw, source, name, check_paths)
 
 
 def with_overrides(cfg: Config, overrides: list[str], source: str,
                    sections: tuple[str, ...] = tuple(SECTIONS), check_paths: bool = True) -> Config:
-    """A copy of cfg with dotted overrides applied to the given sections, validated again."""
+    """A copy of cfg with dotted overrides applied to the given sections, validated again.
+
+    sections: what may change, whole sections ("train") or single keys ("data.path").
+    """
     raw = to_dict(cfg)
     for text in overrides:
         section, key, value = parse_override(text)
-        if section not in sections:
-            raise ConfigError(f"override {text!r}: only {', '.join(sections)} keys can be "
-                              "changed here")
+        if section not in sections and f"{section}.{key}" not in sections:
+            allowed = ", ".join(a if "." in a else f"{a}.*" for a in sections)
+            raise ConfigError(f"override {text!r}: only {allowed} can be changed here")
         raw[section][key] = value
     return from_dict(raw, source=f"{source} (with overrides)", name=cfg.name,
                      check_paths=check_paths)

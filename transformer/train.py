@@ -28,7 +28,15 @@ from .checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from .config import Config, from_dict, save_config, to_dict, with_overrides
+from .config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    with_overrides,
+)
 from .data import columns, load_corpus
 from .decode import translate
 from .device import (
@@ -383,16 +391,48 @@ def train(cfg: Config) -> str:
         return Trainer(cfg, run_dir).run()
 
 
+RESUMABLE = ("train", "data.path")  # what a resumed run may change: budgets, where the data is
+
+
+def config_edits(cfg: Config, path: str) -> list[str]:
+    """The run's config.yaml as edited by hand since it was written, as overrides of cfg.
+
+    Only RESUMABLE keys may differ: any other edit is refused in one line, rather than
+    ignored and overwritten (the weights were trained under the checkpoint's config).
+    """
+    if not os.path.isfile(path):
+        return []
+    try:
+        edited = to_dict(load_config(path, check_paths=False))
+    except ConfigError as e:
+        raise RunError(f"cannot resume: {e}") from None
+    saved, edits = to_dict(cfg), []
+    for section, values in edited.items():
+        for key, value in values.items():
+            if value != saved[section][key]:
+                if section != "train" and f"{section}.{key}" not in RESUMABLE:
+                    raise RunError(
+                        f"{path}: {section}.{key} was changed to {value!r} but the run was "
+                        f"trained with {saved[section][key]!r}; a resumed run can change only "
+                        "train.* and data.path: put it back, or start a new run")
+                edits.append(f"{section}.{key}={json.dumps(value)}")
+    return edits
+
+
 def resume(run_dir: str, overrides: list[str] = ()) -> str:
     """Continue the run in run_dir from its last.pt, exactly where it stopped.
 
-    overrides may change train.* keys only (say, a larger train.max_steps).
+    overrides, and hand edits of the run's config.yaml, may change train.* keys (say, a
+    larger train.max_steps) and data.path (the corpus moved); nothing else.
     """
     path = os.path.join(run_dir, "last.pt")
     state = load_checkpoint(path)
     if "optimizer" not in state or not ("rng" in state or "rng_torch" in state):
         raise CheckpointError(f"{path}: has no training state to resume from")
-    cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"])
-    cfg = with_overrides(cfg, list(overrides), path, sections=("train",))
+    # The corpus may have moved since (data.path is checked once the overrides are in).
+    cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"],
+                    check_paths=False)
+    edits = config_edits(cfg, os.path.join(run_dir, "config.yaml"))
+    cfg = with_overrides(cfg, edits + list(overrides), path, sections=RESUMABLE)
     with run_lock(run_dir):
         return Trainer(cfg, run_dir, resume=state).run()
