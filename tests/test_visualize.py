@@ -134,3 +134,34 @@ def test_bad_sweep_file_is_one_line(tmp_path):
     bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_heads: 4\n")
     with pytest.raises(ConfigError, match="grid: expected"):
         load_sweep(str(bad))
+
+
+@pytest.mark.parametrize("command", ["plot", "attention"])
+def test_plot_and_attention_write_beside_the_run_or_else_here(tiny_run, tmp_path, monkeypatch,
+                                                            capsys, command):
+    # Root may write anywhere, so the read-only run folder is played by a savefig that
+    # refuses it.
+    import matplotlib.figure
+
+    import transformer.cli as cli
+    from transformer.visualize import pyplot
+
+    pyplot()
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def read_only_run(fig, path, *args, **kwargs):
+        if os.path.abspath(str(path)).startswith(os.path.abspath(tiny_run)):
+            raise PermissionError(13, "Permission denied")
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only_run)
+    monkeypatch.chdir(tmp_path)
+    if command == "plot":
+        assert cli.plot_main([tiny_run]) == 0
+    else:
+        assert cli.attention_main(["--ckpt", f"{tiny_run}/last.pt", "one two three"]) == 0
+    out, err = capsys.readouterr()
+    assert f"cannot write the {'plots' if command == 'plot' else 'figures'} to {tiny_run}" in err
+    assert "Permission denied" in err and len(err.strip().splitlines()) == 1
+    written = [p for p in tmp_path.rglob("*.png")]
+    assert written and all(str(p).startswith(str(tmp_path)) for p in written)

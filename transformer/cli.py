@@ -226,16 +226,25 @@ def _evaluate(argv: list[str]) -> int:
     for line in s.lines():
         print(line)
     sys.stdout.flush()  # the scores are out before anything can fail
-    for where in (out, os.path.basename(out)):  # beside the checkpoint, else here
-        try:
-            with open(where, "w", encoding="utf-8") as f:
-                f.write("".join(h + "\n" for h in hyps))
-        except OSError as e:
-            print(f"cannot write the hypotheses to {where}: {e.strerror or e}", file=sys.stderr)
-            continue
-        print(f"hypotheses: {where}")
-        return 0
+
+    def write(path: str) -> str:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(h + "\n" for h in hyps))
+        return path
+
+    print(f"hypotheses: {_write_somewhere(write, 'the hypotheses', out, os.path.basename(out))}")
     return 0
+
+
+def _write_somewhere(write: Callable[[str], object], what: str, *places: str):
+    """write(place) at the first place that can be written (beside the checkpoint or
+    run, else the current folder), saying in one line why each before it could not."""
+    for place in places:
+        try:
+            return write(place)
+        except OSError as e:
+            print(f"cannot write {what} to {place}: {e.strerror or e}", file=sys.stderr)
+    raise RunError(f"{what} could not be written anywhere; see the lines above")
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -291,8 +300,11 @@ def _attention(argv: list[str]) -> int:
                                     dec.max_len_a, dec.max_len_b)
     slug = "-".join("".join(c if c.isalnum() else " " for c in args.sentence).split())[:60]
     out = args.out or os.path.join(os.path.dirname(ckpt) or ".", "attention", slug or "sentence")
-    paths = draw_attention(maps, out)
     print(f"{args.sentence}\n{maps.translation}")
+    sys.stdout.flush()
+    paths = _write_somewhere(lambda place: draw_attention(maps, place), "the figures", out,
+                             *([] if args.out else [os.path.join("attention", slug or "sentence")]))
+    out = os.path.dirname(paths[-1])
     print(f"{len(paths) - 1} figures in {out}/ (one per attention and layer, a panel per head "
           "and the mean)")
     print(f"index: {paths[-1]}")
@@ -313,7 +325,8 @@ def _plot(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
         raise RunError(f"{args.run}: no metrics.jsonl; name a run folder, e.g. RUN=runs/<name>")
-    for path in plot_run(args.run):
+    for path in _write_somewhere(lambda place: plot_run(args.run, place), "the plots", args.run,
+                                 os.path.basename(os.path.normpath(args.run))):
         print(path)
     return 0
 

@@ -165,9 +165,12 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def plot_run(run_dir: str) -> list[str]:
-    """loss.png, bleu.png and lr.png against steps, from run_dir/metrics.jsonl."""
+def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+    """loss.png, bleu.png and lr.png against steps, from run_dir/metrics.jsonl, into
+    out_dir (default: the run folder)."""
     plt = pyplot()
+    out_dir = out_dir or run_dir
+    os.makedirs(out_dir, exist_ok=True)
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
     def series(key: str) -> tuple[list, list]:
@@ -194,7 +197,7 @@ def plot_run(run_dir: str) -> list[str]:
         if len(lines) > 1:
             ax.legend()
         fig.tight_layout()
-        path = os.path.join(run_dir, name)
+        path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
