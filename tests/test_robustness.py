@@ -375,3 +375,18 @@ def test_hand_edits_of_a_runs_config_are_applied_when_safe_and_refused_otherwise
                                        r"was trained with 64; a resumed run can change only"):
         resume(run)
     assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 7
+
+
+def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import builtins
+
+    run = train(_cfg(tmp_path, "train.name=log", "train.max_steps=5"))
+
+    def full(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(train_mod, "open", full, raising=False)
+    with pytest.raises(RunError, match="metrics.jsonl: No space left on device; the checkpoints"):
+        resume(run, ["train.max_steps=10"])
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 5

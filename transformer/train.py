@@ -200,8 +200,13 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------
     def write_metrics(self, record: dict) -> None:
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunError(f"cannot write {path}: {e.strerror or e}; the checkpoints in "
+                           f"{self.run_dir} are intact") from None
 
     def valid_bleu(self) -> tuple[float, list[str]]:
         n = self.t.eval_bleu_sentences or len(self.data.valid_src)
