@@ -95,7 +95,7 @@ def test_compiled_training_runs_with_few_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(step_mod, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     trainer, records = _compiled_run(tmp_path, "cpu", 30)
-    from transformer.train import COMPILE_BUCKET
+    from transformer.batching import COMPILE_BUCKET
 
     assert all(n % COMPILE_BUCKET == 0 and b == 512 // n for b, n in trainer.shapes)
     assert 1 <= len(trainer.shapes) <= 40 // COMPILE_BUCKET  # toy sentences: up to 40 pieces

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_CONFIG, TOY, tiny_model
-from transformer.batching import collate
+from transformer.batching import collate, prepare
 from transformer.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -20,7 +20,7 @@ from transformer.checkpoint import (
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
 from transformer.step import Totals, make_optimizer, train_step
-from transformer.train import inverse_sqrt_schedule, prepare
+from transformer.train import inverse_sqrt_schedule
 
 
 def test_overfits_one_tiny_batch():

@@ -4,17 +4,24 @@ A batch of B sentences padded to length L costs B * L positions of compute
 whatever their real length. Sorting by length before packing keeps L close to
 each sentence's own length, so little compute goes to padding; packing up to a
 token budget (not a sentence count) keeps every step about the same size.
+
+`prepare` makes a run's batches from its config: corpus, tokenizer, length filter.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .tokenizer import BOS, EOS, PAD
+from .config import Config
+from .data import DataError, columns, load_corpus
+from .tokenizer import BOS, EOS, PAD, Tokenizer, load_or_train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,3 +158,45 @@ class BatchIterator:
 
     def __len__(self) -> int:
         return len(token_batches(self.lengths, self.batch_tokens, None))
+
+
+@dataclass
+class Prepared:
+    """What a run needs from the data: tokenizer, batches and validation text."""
+
+    tokenizer: Tokenizer
+    train: BatchIterator
+    valid: BatchIterator
+    valid_src: list[str]
+    valid_ref: list[str]
+
+
+COMPILE_BUCKET = 8  # with train.compile, batch lengths are multiples of this
+
+
+def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
+    """Load the corpus, train or load the tokenizer (unless given), encode and batch."""
+    corpus = load_corpus(cfg.data)
+    train_src, train_tgt = columns(corpus["train"])
+    if tokenizer is None:
+        tokenizer = load_or_train(cfg.data, train_src, train_tgt)
+    src_ids, tgt_ids = tokenizer.encode_src(train_src), tokenizer.encode_tgt(train_tgt)
+    limit = cfg.model.max_positions
+    if cfg.data.max_tokens:
+        limit = min(limit, cfg.data.max_tokens)
+    keep = [i for i in range(len(src_ids)) if len(src_ids[i]) <= limit and len(tgt_ids[i]) <= limit]
+    if not keep:
+        raise DataError(f"data.max_tokens={cfg.data.max_tokens} removes every training pair")
+    if len(keep) < len(src_ids):
+        log.info("length filter (%d tokens): kept %d of %d training pairs",
+                 limit, len(keep), len(src_ids))
+    train = BatchIterator([src_ids[i] for i in keep], [tgt_ids[i] for i in keep],
+                          cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed,
+                          bucket=COMPILE_BUCKET if cfg.train.compile else 0)
+    valid_src, valid_ref = columns(corpus["valid"])
+    # Validation keeps long pairs (no length filter), cut only to what the model can hold.
+    most = cfg.model.max_positions
+    v_src = [s[:most] for s in tokenizer.encode_src(valid_src)]
+    v_tgt = [t[:most + 1] for t in tokenizer.encode_tgt(valid_ref)]
+    valid = BatchIterator(v_src, v_tgt, cfg.train.batch_tokens, shuffle=False)
+    return Prepared(tokenizer, train, valid, valid_src, valid_ref)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 
-from .config import Config
+from .config import Config, ConfigError, load_config, to_dict
 
 
 class RunError(RuntimeError):
@@ -75,3 +76,31 @@ def run_lock(run_dir: str):
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+RESUMABLE = ("train", "data.path")  # what a resumed run may change: budgets, where the data is
+
+
+def config_edits(cfg: Config, path: str) -> list[str]:
+    """The run's config.yaml as edited by hand since it was written, as overrides of cfg.
+
+    Only RESUMABLE keys may differ: any other edit is refused in one line, rather than
+    ignored and overwritten (the weights were trained under the checkpoint's config).
+    """
+    if not os.path.isfile(path):
+        return []
+    try:
+        edited = to_dict(load_config(path, check_paths=False))
+    except ConfigError as e:
+        raise RunError(f"cannot resume: {e}") from None
+    saved, edits = to_dict(cfg), []
+    for section, values in edited.items():
+        for key, value in values.items():
+            if value != saved[section][key]:
+                if section != "train" and f"{section}.{key}" not in RESUMABLE:
+                    raise RunError(
+                        f"{path}: {section}.{key} was changed to {value!r} but the run was "
+                        f"trained with {saved[section][key]!r}; a resumed run can change only "
+                        "train.* and data.path: put it back, or start a new run")
+                edits.append(f"{section}.{key}={json.dumps(value)}")
+    return edits

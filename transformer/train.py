@@ -14,12 +14,11 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from .batching import BatchIterator, prefetch
+from .batching import prefetch, prepare
 from .checkpoint import (
     CheckpointError,
     average_checkpoints,
@@ -28,28 +27,13 @@ from .checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from .config import (
-    Config,
-    ConfigError,
-    from_dict,
-    load_config,
-    save_config,
-    to_dict,
-    with_overrides,
-)
-from .data import columns, load_corpus
+from .config import Config, from_dict, save_config, to_dict, with_overrides
 from .decode import translate
-from .device import (
-    pick_device,
-    resolve_precision,
-    rng_state,
-    set_deterministic,
-    set_rng_state,
-)
+from .device import pick_device, resolve_precision, rng_state, set_deterministic, set_rng_state
 from .evaluate import score
-from .runs import Interrupted, RunError, make_run_dir, run_lock
+from .runs import RESUMABLE, Interrupted, RunError, config_edits, make_run_dir, run_lock
 from .step import Totals, compiled_batch_loss, make_optimizer, train_step, validation_loss
-from .tokenizer import Tokenizer, load_or_train
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,47 +48,7 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return factor
 
 
-@dataclass
-class Prepared:
-    """What a run needs from the data: tokenizer, batches and validation text."""
-
-    tokenizer: Tokenizer
-    train: BatchIterator
-    valid: BatchIterator
-    valid_src: list[str]
-    valid_ref: list[str]
-
-
-COMPILE_BUCKET = 8  # with train.compile, batch lengths are multiples of this
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # stop cleanly, save last.pt
-
-
-def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
-    """Load the corpus, train or load the tokenizer (unless given), encode and batch."""
-    corpus = load_corpus(cfg.data)
-    train_src, train_tgt = columns(corpus["train"])
-    if tokenizer is None:
-        tokenizer = load_or_train(cfg.data, train_src, train_tgt)
-    src_ids, tgt_ids = tokenizer.encode_src(train_src), tokenizer.encode_tgt(train_tgt)
-    limit = cfg.model.max_positions
-    if cfg.data.max_tokens:
-        limit = min(limit, cfg.data.max_tokens)
-    keep = [i for i in range(len(src_ids)) if len(src_ids[i]) <= limit and len(tgt_ids[i]) <= limit]
-    if not keep:
-        raise RunError(f"data.max_tokens={cfg.data.max_tokens} removes every training pair")
-    if len(keep) < len(src_ids):
-        log.info("length filter (%d tokens): kept %d of %d training pairs",
-                 limit, len(keep), len(src_ids))
-    train = BatchIterator([src_ids[i] for i in keep], [tgt_ids[i] for i in keep],
-                          cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed,
-                          bucket=COMPILE_BUCKET if cfg.train.compile else 0)
-    valid_src, valid_ref = columns(corpus["valid"])
-    # Validation keeps long pairs (no length filter), cut only to what the model can hold.
-    most = cfg.model.max_positions
-    v_src = [s[:most] for s in tokenizer.encode_src(valid_src)]
-    v_tgt = [t[:most + 1] for t in tokenizer.encode_tgt(valid_ref)]
-    valid = BatchIterator(v_src, v_tgt, cfg.train.batch_tokens, shuffle=False)
-    return Prepared(tokenizer, train, valid, valid_src, valid_ref)
 
 
 class Trainer:
@@ -394,34 +338,6 @@ def train(cfg: Config) -> str:
     run_dir = make_run_dir(cfg)
     with run_lock(run_dir):
         return Trainer(cfg, run_dir).run()
-
-
-RESUMABLE = ("train", "data.path")  # what a resumed run may change: budgets, where the data is
-
-
-def config_edits(cfg: Config, path: str) -> list[str]:
-    """The run's config.yaml as edited by hand since it was written, as overrides of cfg.
-
-    Only RESUMABLE keys may differ: any other edit is refused in one line, rather than
-    ignored and overwritten (the weights were trained under the checkpoint's config).
-    """
-    if not os.path.isfile(path):
-        return []
-    try:
-        edited = to_dict(load_config(path, check_paths=False))
-    except ConfigError as e:
-        raise RunError(f"cannot resume: {e}") from None
-    saved, edits = to_dict(cfg), []
-    for section, values in edited.items():
-        for key, value in values.items():
-            if value != saved[section][key]:
-                if section != "train" and f"{section}.{key}" not in RESUMABLE:
-                    raise RunError(
-                        f"{path}: {section}.{key} was changed to {value!r} but the run was "
-                        f"trained with {saved[section][key]!r}; a resumed run can change only "
-                        "train.* and data.path: put it back, or start a new run")
-                edits.append(f"{section}.{key}={json.dumps(value)}")
-    return edits
 
 
 def resume(run_dir: str, overrides: list[str] = ()) -> str:
