@@ -2,11 +2,15 @@
 
 import os
 
-import pytest
-import torch
+# cuBLAS reads this when CUDA starts, which may be in any test before the one that asks for
+# train.deterministic: set it for the whole session (device.set_deterministic says why).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from transformer.config import ModelConfig
-from transformer.model import Transformer
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from transformer.config import ModelConfig  # noqa: E402
+from transformer.model import Transformer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "tests", "toy_corpus")

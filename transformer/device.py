@@ -97,3 +97,7 @@ def set_deterministic(on: bool) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
+    # The fused attention kernels' backward passes add with atomics on a GPU; the math
+    # path (the same attention, written as matrix multiplies and a softmax) does not.
+    torch.backends.cuda.enable_flash_sdp(not on)
+    torch.backends.cuda.enable_mem_efficient_sdp(not on)
