@@ -257,7 +257,7 @@ def test_bytes_that_are_not_utf8_are_replaced_and_lines_stay_aligned(tiny_ckpt):
 def test_a_folder_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
     run = train(_cfg(tmp_path, "train.name=x", "train.max_steps=5"))
     before = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
-    with pytest.raises(RunError, match=r"x already holds a run \(last.pt, best.pt, config.yaml, "
+    with pytest.raises(RunError, match=r"x already holds a run \(last.pt, best.pt, "
                                        r"metrics.jsonl\); resume it with `make train RESUME="):
         train(_cfg(tmp_path, "train.name=x", "train.max_steps=5"))
     after = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run)}
@@ -390,3 +390,18 @@ def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path
     with pytest.raises(RunError, match="metrics.jsonl: No space left on device; the checkpoints"):
         resume(run, ["train.max_steps=10"])
     assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 5
+
+
+def test_a_run_that_failed_before_its_first_step_can_be_started_again(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = subprocess.run([_bin("transformer-train"), "--config", TINY_CONFIG,
+                        f"train.runs_dir={tmp_path}/runs", "train.name=again",
+                        f"data.data_dir={blocker}", "train.device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2  # a folder the system refuses: one line, not a traceback
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"error: {blocker}/tokenizers: Not a directory"
+    assert "Traceback" not in r.stderr
+    run = train(_cfg(tmp_path, "train.name=again", "train.max_steps=3"))  # same name: fine
+    assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 3

@@ -69,6 +69,10 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or folder the system refused: full disk, no such folder, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 130

@@ -23,7 +23,9 @@ class Interrupted(RuntimeError):
     """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
 
 
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl")  # what makes a folder a run
+# What makes a folder hold a run: its metrics or checkpoints. A config.yaml alone is a run
+# that failed before its first step (a data error, say): it is started again.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
 
 
 def make_run_dir(cfg: Config) -> str:
