@@ -89,7 +89,7 @@ def set_deterministic(on: bool) -> None:
 
     Without this, a CUDA run is repeatable only up to the order of floating-point
     sums in kernels that use atomics (embedding and index backward, some attention
-    backward kernels): the same run gives losses equal to about 1e-6, not bit for bit.
+    backward kernels): two runs of one config can differ in the last digits.
     """
     if on:
         # cuBLAS needs a fixed workspace to be deterministic; read when it starts.
