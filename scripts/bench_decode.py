@@ -25,7 +25,7 @@ from transformer.checkpoint import model_from_checkpoint
 from transformer.config import load_config, with_overrides
 from transformer.data import columns, load_corpus
 from transformer.decode import encode_source, translate
-from transformer.device import pick_device, resolve_precision
+from transformer.device import pick_device, resolve_precision, synchronize
 from transformer.model import Transformer
 from transformer.tokenizer import BOS
 
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @torch.inference_mode()  # as greedy_decode
 def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> float:
     """Seconds to generate n tokens (greedy_decode's steps, never stopping early)."""
-    sync(src.device)
+    synchronize(src.device)
     start = time.perf_counter()
     memory, src_mask = encode_source(model, src)
     ys = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
@@ -44,14 +44,8 @@ def steps(model: Transformer, src: torch.Tensor, n: int, use_cache: bool) -> flo
         inp = ys[:, -1:] if use_cache else ys
         logits = model.decode(inp, memory, src_mask, cache)[:, -1]
         ys = torch.cat([ys, logits.argmax(-1, keepdim=True)], dim=1)
-    sync(src.device)
+    synchronize(src.device)
     return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device: a GPU runs behind the host, and a clock read alone times the host."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -106,10 +100,10 @@ def main() -> int:
         precision = resolve_precision(ckpt_cfg.train.precision, device, strict=False)
         translate(model, tokenizer, sentences[:64], ckpt_cfg.decode, device, args.beam,
                   precision)  # warm up (CUDA kernels load on first use)
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         translate(model, tokenizer, sentences, ckpt_cfg.decode, device, args.beam, precision)
-        sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         result.update({"split": args.split, "sentences": len(sentences), "beam": args.beam,
                        "precision": precision, "translate_s": seconds})

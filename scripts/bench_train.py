@@ -28,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -35,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from transformer.batching import BatchIterator, collate
-from transformer.config import ModelConfig, load_config
+from transformer.batching import COMPILE_BUCKET, BatchIterator, collate
+from transformer.config import ModelConfig, TrainConfig, load_config
 from transformer.data import columns, load_corpus
-from transformer.device import DTYPES, autocast, pick_device, resolve_precision
+from transformer.device import DTYPES, pick_device, resolve_precision, synchronize
 from transformer.layers import PositionalEncoding
 from transformer.model import Transformer
-from transformer.step import LOSS_CHUNK, default_chunk, loss_fn
+from transformer.step import LOSS_CHUNK, Totals, loss_fn, make_optimizer, train_step
 from transformer.tokenizer import PAD, load_or_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,26 +77,15 @@ class Reference(nn.Module):
 
 
 def step_fn(model, device: torch.device, precision: str):
-    """One training step as train.train_step makes it (same loss, fused Adam, precision),
-    for either model."""
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4, fused=True)
-    chunk = default_chunk(device)
-
-    def step(batch):
-        with autocast(device, precision):
-            hidden = model.hidden(batch.src, batch.tgt_in)
-            loss = loss_fn(hidden, batch.tgt_out, model.generator, 0.1, chunk,
-                           real=batch.real) / batch.n_tokens
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device: a GPU runs behind the host, and a clock read alone times the host."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """One training step, the project's own `train_step` (loss, clipping, fused Adam,
+    precision), for either model: both have `hidden` and `generator`."""
+    cfg = TrainConfig(lr=1e-4)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    totals = Totals.zeros(device)
+    return lambda batch: train_step(model, batch, optimizer, scheduler, cfg, totals, precision,
+                                    scaler)
 
 
 def matmul_peak(device: torch.device, precision: str, repeats: int = 10) -> float:
@@ -106,10 +96,10 @@ def matmul_peak(device: torch.device, precision: str, repeats: int = 10) -> floa
     a @ b
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times)
 
@@ -129,11 +119,11 @@ def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device:
     seconds = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for b in batches:
                 step(b)
-            sync(device)
+            synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     with FlopCounterMode(display=False) as counter:
         steps["ours"](batches[0])
@@ -172,7 +162,7 @@ def epoch_time(cfg: ModelConfig, vocab: int, batches, device: torch.device,
         if batch is None:
             break
         step(batch.to(device))
-    sync(device)
+    synchronize(device)
     total = time.perf_counter() - start
     return total, batching / total
 
@@ -189,11 +179,12 @@ def peak_memory_of_train() -> float:
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
             "print('PEAK_KB', hwm[0].split()[1] if hwm else -1)\n"
             "sys.exit(rc)\n")
-    r = subprocess.run([sys.executable, "-c", code, "--config",
-                        os.path.join(ROOT, "configs", "default.yaml"), "train.max_steps=60",
-                        "train.eval_every=60", "train.eval_bleu_sentences=50",
-                        "train.runs_dir=/tmp/bench-train-runs", "train.name=memory"],
-                       cwd=ROOT, check=True, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as runs:  # a new run each time
+        r = subprocess.run([sys.executable, "-c", code, "--config",
+                            os.path.join(ROOT, "configs", "default.yaml"), "train.max_steps=60",
+                            "train.eval_every=60", "train.eval_bleu_sentences=50",
+                            f"train.runs_dir={runs}", "train.name=memory"],
+                           cwd=ROOT, check=True, capture_output=True, text=True)
     kb = int(r.stdout.split("PEAK_KB")[-1].split()[0])
     if kb < 0:  # no /proc: fall back to rusage, an upper bound
         kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -212,11 +203,11 @@ def profile(name: str, vocab: int, batches: list, device: torch.device, precisio
     batches = [b.to(device) for b in batches[:5]]
     for b in batches[:2]:
         step(b)
-    sync(device)
+    synchronize(device)
     with torch_profile() as prof:
         for b in batches[2:5]:
             step(b)
-        sync(device)
+        synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15))
     return 0
@@ -321,10 +312,20 @@ def main() -> int:
 
     ours_eff = efficiency(ours_batches.epoch(1))
     random_eff = efficiency(random_batches(src, tgt, 128))
+    # train.compile pads each batch to one of a few shapes: what that costs in padding.
+    compiled = BatchIterator(src, tgt, 4096, shuffle=True, seed=0, bucket=COMPILE_BUCKET)
+    compiled_eff = efficiency(compiled.epoch(1))
+    shapes = {tuple(b.tgt_out.shape) for b in compiled.epoch(1)}
     result["batching"] = {"ours_real_over_padded": ours_eff,
-                          "random_128_real_over_padded": random_eff}
+                          "random_128_real_over_padded": random_eff,
+                          "compile_real_over_padded": compiled_eff,
+                          "compile_shapes": len(shapes),
+                          "batches_per_epoch": len(ours_batches),
+                          "compile_batches_per_epoch": len(compiled)}
     print(f"\nMulti30k target tokens that are real: token-budget length-bucketed batches "
-          f"{ours_eff:.1%}, 128 random sentences a batch {random_eff:.1%}")
+          f"{ours_eff:.1%} ({len(ours_batches)} an epoch), 128 random sentences a batch "
+          f"{random_eff:.1%}, padded to few shapes for train.compile {compiled_eff:.1%} "
+          f"({len(compiled)} an epoch, {len(shapes)} shapes)")
     if not args.skip_epochs:
         cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
                           [f"data.path={MULTI30K}"]).model

@@ -22,7 +22,7 @@ def test_local_parallel_files_plain_and_gzipped(tmp_path):
         f.write("x y\nz w\n")
     (tmp_path / "val.en").write_text("e\n")
     (tmp_path / "val.de").write_text("f\n")
-    splits = load_local(str(tmp_path), "en", "de", str(tmp_path / "cache"))
+    splits = load_local(str(tmp_path), "en", "de")
     assert splits["train"]["src"][:] == ["a b", "c d"]
     assert splits["train"]["tgt"][:] == ["x y", "z w"]
     assert splits["valid"]["tgt"][:] == ["f"]
@@ -33,7 +33,7 @@ def test_tsv_and_jsonl(tmp_path):
     (tmp_path / "train.tsv").write_text('He said "hi"\tEr sagte "hallo"\nNA\tnull\n')
     (tmp_path / "valid.jsonl").write_text('{"en": "one", "de": "eins"}\n'
                                           '{"translation": {"en": "two", "de": "zwei"}}\n')
-    splits = load_local(str(tmp_path), "en", "de", str(tmp_path / "cache"))
+    splits = load_local(str(tmp_path), "en", "de")
     assert splits["train"]["src"][:] == ['He said "hi"', "NA"]
     assert splits["train"]["tgt"][:] == ['Er sagte "hallo"', "null"]
     assert splits["valid"]["tgt"][:] == ["eins", "zwei"]

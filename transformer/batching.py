@@ -39,16 +39,17 @@ class Batch:
     real: torch.Tensor
     n_tokens: int
 
+    def _map(self, fn) -> Batch:
+        return Batch(*(fn(t) for t in (self.src, self.tgt_in, self.tgt_out, self.real)),
+                     self.n_tokens)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         """The batch on device; non_blocking copies overlap with work already queued."""
-        move = [t.to(device, non_blocking=non_blocking)
-                for t in (self.src, self.tgt_in, self.tgt_out, self.real)]
-        return Batch(*move, self.n_tokens)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """The batch in page-locked host memory, which the GPU copies from asynchronously."""
-        return Batch(*(t.pin_memory() for t in (self.src, self.tgt_in, self.tgt_out, self.real)),
-                     self.n_tokens)
+        return self._map(torch.Tensor.pin_memory)
 
 
 def pad(seqs: list[list[int]], pad_id: int = PAD, length: int = 0) -> torch.Tensor:

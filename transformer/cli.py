@@ -30,8 +30,8 @@ from .decode import translate
 from .device import DeviceError, pick_device, resolve_precision
 from .runs import Interrupted, RunError
 
-# Each command imports what only it needs when it runs (training, sacreBLEU, matplotlib):
-# `make translate` starts in about a second instead of three.
+# Each command imports what only it needs when it runs (training, `datasets`, sacreBLEU,
+# matplotlib): `make translate` of one sentence takes 1.75 s instead of 2.4 s (README).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunError, DeviceError)
 
 

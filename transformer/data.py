@@ -57,7 +57,7 @@ def load_corpus(cfg: DataConfig) -> DatasetDict:
     elif cfg.corpus == "multi30k":
         splits = load_multi30k(cfg)
     else:
-        splits = load_local(cfg.path, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+        splits = load_local(cfg.path, cfg.src_lang, cfg.tgt_lang)
     for name in ("train", "valid"):
         if name not in splits or len(splits[name]) == 0:
             raise DataError(f"corpus {cfg.corpus!r}: the {name} split is empty or missing")
@@ -144,7 +144,7 @@ def load_bible(cfg: DataConfig) -> DatasetDict:
 def load_multi30k(cfg: DataConfig) -> DatasetDict:
     """Multi30k task 1: a local folder of the raw files, or the Hugging Face Hub."""
     if cfg.path is not None:
-        return load_local(cfg.path, cfg.src_lang, cfg.tgt_lang, cfg.data_dir)
+        return load_local(cfg.path, cfg.src_lang, cfg.tgt_lang)
     from datasets import DatasetDict
 
     try:
@@ -169,7 +169,7 @@ def load_multi30k(cfg: DataConfig) -> DatasetDict:
 
 # --- local files -----------------------------------------------------------------------
 
-def load_local(path: str, src_lang: str, tgt_lang: str, data_dir: str = "data") -> DatasetDict:
+def load_local(path: str, src_lang: str, tgt_lang: str) -> DatasetDict:
     """Splits from a folder: `train.en(.gz)` + `train.de(.gz)`, or `train.tsv`, or `train.jsonl`.
 
     Valid may be named valid/val/dev and test may be test/test_2016_flickr.
@@ -183,7 +183,7 @@ def load_local(path: str, src_lang: str, tgt_lang: str, data_dir: str = "data") 
     splits = {}
     for split, stems in SPLIT_NAMES.items():
         for stem in stems:
-            found = _load_split(path, stem, src_lang, tgt_lang, data_dir)
+            found = _load_split(path, stem, src_lang, tgt_lang)
             if found is not None:
                 splits[split] = found
                 break
@@ -201,7 +201,7 @@ def _find(path: str, name: str) -> str | None:
     return None
 
 
-def _load_split(path, stem, src_lang, tgt_lang, data_dir) -> Dataset | None:
+def _load_split(path, stem, src_lang, tgt_lang) -> Dataset | None:
     src_file, tgt_file = _find(path, f"{stem}.{src_lang}"), _find(path, f"{stem}.{tgt_lang}")
     if src_file and tgt_file:
         src, tgt = read_lines(src_file), read_lines(tgt_file)

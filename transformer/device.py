@@ -67,6 +67,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has done all queued work (a GPU runs behind the host, so a
+    clock read alone would time only the queueing); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def rng_state() -> dict:
     """Every random state a run draws from, as checkpoint data."""
     state = {"python": random.getstate(), "cpu": torch.get_rng_state()}

@@ -85,15 +85,12 @@ def _train_one(lines: list[str], vocab_size: int, model_type: str, prefix: str) 
     # removed whatever happens.
     with open(prefix + ".txt", "w", encoding="utf-8") as f:
         f.write("\n".join(line for line in lines if line) + "\n")
-    try:
-        spm.SentencePieceTrainer.train(
-            input=f.name, model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-            hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary, not an error
-            num_threads=os.cpu_count() or 1, minloglevel=2,
-        )
-    finally:
-        os.unlink(f.name)
+    spm.SentencePieceTrainer.train(
+        input=f.name, model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+        character_coverage=1.0, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+        hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary, not an error
+        num_threads=os.cpu_count() or 1, minloglevel=2,
+    )
 
 
 def load_or_train(cfg: DataConfig, src: list[str], tgt: list[str]) -> Tokenizer:

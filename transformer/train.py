@@ -271,8 +271,9 @@ class Trainer:
         if t.save_every and self.step % t.save_every == 0:
             self.save_step_checkpoint()
         if self.step % t.eval_every == 0:
+            start = time.time()
             self.evaluate_and_save()
-            self.new_window()  # evaluation is not training time
+            self.window_start += time.time() - start  # evaluation is not training time
         return self.out_of_budget()
 
     def run(self) -> str:
