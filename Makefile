@@ -10,6 +10,8 @@ BEAM   ?=
 RUN    ?=
 LAST   ?=
 RESUME ?=
+NPROC  ?=
+TORCHRUN ?=
 SWEEP  ?= configs/sweep.yaml
 
 .PHONY: install test lint train translate evaluate average attention plot sweep bench \
@@ -26,8 +28,10 @@ test:  ## the test suite (CPU, no network)
 lint:
 	$(BIN)/ruff check transformer scripts tests
 
-train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8"] [RESUME=runs/x]
-	$(BIN)/transformer-train --config $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+# NPROC=N: N processes under torchrun (one per GPU); TORCHRUN="--nnodes=2 ...": several machines.
+train:  ## make train [CONFIG=configs/x.yaml] [ARGS="model.n_heads=8"] [RESUME=runs/x] [NPROC=N]
+	$(BIN)/transformer-train --config $(CONFIG) $(if $(RESUME),--resume $(RESUME)) \
+		$(if $(NPROC),--nproc $(NPROC)) $(if $(TORCHRUN),--torchrun "$(TORCHRUN)") $(ARGS)
 
 # The sentence reaches the program as typed: through the environment, so that quotes
 # survive, and unexpanded ($(value)), so that make does not eat "$1" or "$(HOME)" in it.

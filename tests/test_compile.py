@@ -10,7 +10,7 @@ import transformer.step as step_mod
 from conftest import TINY_CONFIG, tiny_model
 from transformer.batching import BatchIterator, collate
 from transformer.config import load_config
-from transformer.step import batch_loss, compiled_batch_loss
+from transformer.step import Criterion, batch_loss, compile_criterion
 from transformer.tokenizer import PAD
 
 
@@ -63,7 +63,7 @@ def test_compiled_loss_equals_eager_and_compiles_once_per_shape(monkeypatch):
     from torch._dynamo.utils import counters
     counters.clear()
     model = tiny_model(vocab=50, dropout=0.0).train()
-    forward = compiled_batch_loss()
+    forward = compile_criterion(Criterion(model, 0.1, chunk=0))
     src, tgt = _pairs(40, seed=3)
     src = [[min(x, 49) for x in s] for s in src]
     tgt = [[min(x, 49) for x in t] for t in tgt]
@@ -71,7 +71,8 @@ def test_compiled_loss_equals_eager_and_compiles_once_per_shape(monkeypatch):
     shapes = {tuple(b.src.shape) for b in batches}
     for batch in batches:
         eager = batch_loss(model, batch, 0.1, 0)
-        assert torch.allclose(forward(model, batch, 0.1), eager, atol=1e-4)
+        compiled = forward(batch.src, batch.tgt_in, batch.tgt_out, batch.real)
+        assert torch.allclose(compiled, eager, atol=1e-4)
     assert 2 <= len(shapes) < len(batches)
     assert counters["stats"]["unique_graphs"] == len(shapes)
 

@@ -52,6 +52,26 @@ class Batch:
         return self._map(torch.Tensor.pin_memory)
 
 
+@dataclass
+class Update:
+    """What one process trains on for one optimizer update.
+
+    batches: this process's micro-batches (train.accumulate of them); n_tokens: the real
+    target tokens of the whole update, every process's micro-batches together, known on
+    the host: each micro-batch's loss is divided by it, so that the summed gradients are
+    those of one big batch.
+    """
+
+    batches: list[Batch]
+    n_tokens: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Update:
+        return Update([b.to(device, non_blocking) for b in self.batches], self.n_tokens)
+
+    def pin_memory(self) -> Update:
+        return Update([b.pin_memory() for b in self.batches], self.n_tokens)
+
+
 def pad(seqs: list[list[int]], pad_id: int = PAD, length: int = 0) -> torch.Tensor:
     """List of id lists -> (B, L) tensor, padded on the right to the longest (or `length`)."""
     out = torch.full((len(seqs), max(length, *(len(s) for s in seqs))), pad_id, dtype=torch.long)
@@ -80,8 +100,8 @@ def collate(src: list[list[int]], tgt: list[list[int]],
     return Batch(pad(src, length=length), tgt_t[:, :-1], tgt_out, real, real.numel())
 
 
-def prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
-    """The batches on device, each copied while the one before it is being trained on.
+def prefetch(batches: Iterator, device: torch.device) -> Iterator:
+    """The batches (or updates) on device, each copied while the one before it is being trained on.
 
     On a GPU the next batch is made, pinned and its copy queued before the current
     one is handed out, so the step never waits for a host-to-device copy. On the
@@ -147,15 +167,40 @@ class BatchIterator:
         if bucket:
             self.lengths = [-(-n // bucket) * bucket for n in self.lengths]  # rounded up
 
+    def _batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch) if self.shuffle else None
+        return token_batches(self.lengths, self.batch_tokens, rng)
+
+    def _collate(self, idx: list[int]) -> Batch:
+        shape = None
+        if self.bucket:
+            length = max(self.lengths[i] for i in idx)
+            shape = (max(self.batch_tokens // length, len(idx)), length)
+        return collate([self.src[i] for i in idx], [self.tgt[i] for i in idx], shape)
+
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from the start-th on; the same epoch gives the same batches."""
-        rng = random.Random(self.seed * 100_003 + epoch) if self.shuffle else None
-        for idx in token_batches(self.lengths, self.batch_tokens, rng)[start:]:
-            shape = None
-            if self.bucket:
-                length = max(self.lengths[i] for i in idx)
-                shape = (max(self.batch_tokens // length, len(idx)), length)
-            yield collate([self.src[i] for i in idx], [self.tgt[i] for i in idx], shape)
+        for idx in self._batches(epoch)[start:]:
+            yield self._collate(idx)
+
+    def updates(self, epoch: int, start: int = 0, processes: int = 1, rank: int = 0,
+                accumulate: int = 1) -> Iterator[Update]:
+        """The updates of one epoch from the start-th on, as process `rank` takes them.
+
+        Every process draws the same seeded epoch of micro-batches and cuts it into
+        updates of processes * accumulate consecutive micro-batches; process r takes
+        the r-th `accumulate` of each. So no pair comes twice in an epoch, and one
+        process with accumulate=2 makes the very updates of two processes with 1.
+        The last micro-batches, too few to fill an update, wait for a later epoch
+        (each epoch is shuffled anew); with one process and accumulate=1 there are none.
+        """
+        per_update = processes * accumulate
+        batches = self._batches(epoch)
+        for u in range(start, len(batches) // per_update):
+            group = batches[u * per_update:(u + 1) * per_update]
+            mine = group[rank * accumulate:(rank + 1) * accumulate]
+            n_tokens = sum(len(self.tgt[i]) - 1 for idx in group for i in idx)
+            yield Update([self._collate(idx) for idx in mine], n_tokens)
 
     def __len__(self) -> int:
         return len(token_batches(self.lengths, self.batch_tokens, None))
@@ -175,8 +220,12 @@ class Prepared:
 COMPILE_BUCKET = 8  # with train.compile, batch lengths are multiples of this
 
 
-def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
-    """Load the corpus, train or load the tokenizer (unless given), encode and batch."""
+def prepare(cfg: Config, tokenizer: Tokenizer | None = None, processes: int = 1) -> Prepared:
+    """Load the corpus, train or load the tokenizer (unless given), encode and batch.
+
+    The training batches are micro-batches of train.batch_tokens / (processes *
+    train.accumulate) tokens, `processes * accumulate` of which make one update.
+    """
     corpus = load_corpus(cfg.data)
     train_src, train_tgt = columns(corpus["train"])
     if tokenizer is None:
@@ -191,8 +240,9 @@ def prepare(cfg: Config, tokenizer: Tokenizer | None = None) -> Prepared:
     if len(keep) < len(src_ids):
         log.info("length filter (%d tokens): kept %d of %d training pairs",
                  limit, len(keep), len(src_ids))
+    micro_tokens = max(cfg.train.batch_tokens // (processes * cfg.train.accumulate), 1)
     train = BatchIterator([src_ids[i] for i in keep], [tgt_ids[i] for i in keep],
-                          cfg.train.batch_tokens, shuffle=True, seed=cfg.train.seed,
+                          micro_tokens, shuffle=True, seed=cfg.train.seed,
                           bucket=COMPILE_BUCKET if cfg.train.compile else 0)
     valid_src, valid_ref = columns(corpus["valid"])
     # Validation keeps long pairs (no length filter), cut only to what the model can hold.

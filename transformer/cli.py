@@ -28,6 +28,7 @@ from .config import ConfigError, load_config, with_overrides
 from .data import DataError, columns, load_corpus
 from .decode import translate
 from .device import DeviceError, pick_device, resolve_precision
+from .distributed import Stopped
 from .runs import Interrupted, RunError
 
 # Each command imports what only it needs when it runs (training, `datasets`, sacreBLEU,
@@ -76,6 +77,8 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     except Interrupted as e:
         print(e, file=sys.stderr)
         return 130
+    except Stopped as e:  # under torchrun: process 0 has said why
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -97,22 +100,67 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--config", default="configs/default.yaml", help="YAML config file")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue runs/<name> from its last.pt (train.* overrides allowed)")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="train in N processes (one per GPU, or on the CPU) with torchrun")
+    p.add_argument("--torchrun", default="", metavar="OPTIONS",
+                   help="torchrun's options for several machines, e.g. \"--nnodes=2 "
+                        "--rdzv-backend=c10d --rdzv-endpoint=host:29500\" (default: "
+                        "--standalone, this machine alone)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. model.n_heads=8 train.max_minutes=5")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow the overrides
     from .train import resume, train
 
     run = args.resume
     if run is None:
         cfg = load_config(args.config, args.overrides)
         run = cfg.train.resume
+    if args.nproc and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: start it
+        return _launch(args, argv, cfg if run is None else None)
     if run is not None:
         overrides = [o for o in args.overrides if not o.startswith("train.resume=")]
         run_dir = resume(run, overrides)
     else:
         run_dir = train(cfg)
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for the run
+        print(run_dir)
     return 0
+
+
+def _launch(args, argv: list[str], cfg) -> int:
+    """This command in args.nproc processes, once what can be checked here is."""
+    from .distributed import launch
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a positive number of processes, got {args.nproc}")
+    if cfg is not None and pick_device(cfg.train.device).type == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if args.nproc > gpus:
+            raise DeviceError(f"NPROC={args.nproc}: this machine has {gpus} GPU(s), one per "
+                              f"process; use NPROC={gpus} or fewer, or train.device=cpu")
+    if os.environ.get("TORCH_CPP_LOG_LEVEL") != "FATAL":
+        # torch's C++ side prints a stack trace for each retry of an unreachable
+        # rendezvous; it reads this once, when torch loads: start again with it quiet.
+        env = dict(os.environ, TORCH_CPP_LOG_LEVEL="FATAL",
+                   TRANSFORMER_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", ""))
+        os.execve(sys.executable, [sys.executable, "-m", "transformer.cli", *argv], env)
+    level = os.environ.pop("TRANSFORMER_CPP_LOG_LEVEL", "")  # the workers' own, as it was
+    if level:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = level
+    else:
+        os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
+    # The workers get the same arguments, less the launcher's own.
+    worker_argv, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--torchrun"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--torchrun=")):
+            worker_argv.append(a)
+    return launch(args.nproc, args.torchrun, worker_argv)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -354,3 +402,7 @@ def _sweep(argv: list[str]) -> int:
 
 def sweep_main(argv: list[str] | None = None) -> int:
     return _run(_sweep, argv)
+
+
+if __name__ == "__main__":  # torchrun's workers: python -m transformer.cli [train's arguments]
+    sys.exit(train_main())

@@ -75,7 +75,12 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, budgets and bookkeeping of a training run."""
 
-    batch_tokens: int = 4096  # tokens per batch, padding included (max of source, target)
+    # Tokens per update, padding included (max of source, target): over all processes
+    # and accumulated micro-batches, so that a recipe makes the same updates on 1 GPU or 8.
+    batch_tokens: int = 4096
+    # Micro-batches whose gradients are summed before an update; each process takes
+    # batch_tokens / (processes * accumulate) tokens a micro-batch (a big batch on a small GPU).
+    accumulate: int = 1
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     warmup_steps: int = 1000
     betas: tuple = (0.9, 0.98)
@@ -238,7 +243,7 @@ def _validate(cfg: Config, source: str, check_paths: bool) -> None:
          "two numbers in [0, 1)", t.betas)
     need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)",
          t.label_smoothing)
-    for key in ("max_epochs", "eval_every", "log_every", "max_bad_steps"):
+    for key in ("accumulate", "max_epochs", "eval_every", "log_every", "max_bad_steps"):
         need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
     for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
                 "keep_checkpoints", "save_every", "patience"):

@@ -74,21 +74,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rng_state() -> dict:
-    """Every random state a run draws from, as checkpoint data."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every random state a run draws from, as checkpoint data.
+
+    On a GPU of its own (cuda:k, one of many processes), the state of that GPU only.
+    """
     state = {"python": random.getstate(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if device is not None and device.type == "cuda" and device.index is not None:
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()  # one per device
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Restore what `rng_state` saved; CUDA states only where the devices still match."""
     random.setstate(state["python"])
     torch.set_rng_state(state["cpu"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
 
 
 def set_deterministic(on: bool) -> None:

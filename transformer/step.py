@@ -16,13 +16,16 @@ run. So here:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from .batching import Batch, BatchIterator
+from .batching import Batch, BatchIterator, Update
 from .config import TrainConfig
 from .device import autocast
 from .model import Transformer
@@ -68,19 +71,38 @@ def batch_loss(model: Transformer, batch: Batch, label_smoothing: float,
     return loss_fn(hidden, batch.tgt_out, model.generator, label_smoothing, chunk, batch.real)
 
 
+class Criterion(nn.Module):
+    """The model and its loss as one module: forward(src, tgt_in, tgt_out, real) -> summed loss.
+
+    This is what training calls, and what the tools that wrap a module wrap:
+    DistributedDataParallel averages the gradients of what its module's forward
+    computed, and torch.compile (train.compile) compiles it as one graph, from the
+    embeddings to the loss.
+    """
+
+    def __init__(self, model: Transformer, label_smoothing: float, chunk: int = LOSS_CHUNK):
+        super().__init__()
+        self.model, self.label_smoothing, self.chunk = model, label_smoothing, chunk
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                real: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden(src, tgt_in)  # (B, T, D)
+        return loss_fn(hidden, tgt_out, self.model.generator, self.label_smoothing, self.chunk,
+                       real)
+
+
 COMPILE_BACKEND = "inductor"  # torch.compile's default: generated, fused kernels
 
 
-def compiled_batch_loss() -> Callable:
-    """batch_loss compiled by torch.compile (train.compile), for batches of few shapes.
+def compile_criterion(criterion: nn.Module) -> nn.Module:
+    """The criterion compiled by torch.compile (train.compile), for batches of few shapes.
 
     dynamic=False compiles one graph per batch shape, so the batches must come in few
     shapes (BatchIterator's bucket); the limit of graphs kept is raised to hold them all.
-    The whole-batch loss (chunk=0) keeps the graph's shapes those of the batch.
+    The criterion should take the whole-batch loss (chunk=0), whose shapes are the batch's.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    step = torch.compile(batch_loss, backend=COMPILE_BACKEND, dynamic=False)
-    return lambda model, batch, label_smoothing: step(model, batch, label_smoothing, chunk=0)
+    return torch.compile(criterion, backend=COMPILE_BACKEND, dynamic=False)
 
 
 def default_chunk(device: torch.device) -> int:
@@ -111,48 +133,65 @@ class Totals:
         self.skipped.zero_()
 
 
-def train_step(model: Transformer, batch: Batch, optimizer: torch.optim.Optimizer, scheduler,
-               cfg: TrainConfig, totals: Totals, precision: str = "fp32",
+def train_step(model: Transformer, update: Update | Batch, optimizer: torch.optim.Optimizer,
+               scheduler, cfg: TrainConfig, totals: Totals, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None,
-               forward: Callable | None = None) -> torch.Tensor:
-    """Forward, backward and update on one batch; returns the loss per real target token
-    (a tensor on the device: reading it makes the host wait).
+               criterion: nn.Module | None = None) -> torch.Tensor:
+    """Forward, backward and update on one update's micro-batches (or one batch); returns
+    the loss per real target token (a tensor on the device: reading it makes the host wait).
+
+    The gradients of the micro-batches are summed, each loss divided by the real tokens
+    of the whole update, so that they are the gradients of one big batch. Under
+    torchrun the criterion is wrapped in DistributedDataParallel, which averages the
+    gradients over the processes during the last micro-batch's backward (the others run
+    under `no_sync`); the loss is multiplied by the number of processes to make that
+    average a sum.
 
     A non-finite loss or gradient skips the update (counted in totals.skipped), so
     that one bad batch cannot write inf or nan into the weights. The optimizer must
     be fused Adam (`make_optimizer`), which skips on the device. With fp16 the
-    gradient scaler does the same, and also lowers its scale. forward(model, batch,
-    label_smoothing) -> summed loss: batch_loss (default) or its compiled form.
+    gradient scaler does the same, and also lowers its scale. The decision is the same
+    in every process: it is made from the loss and gradient norm of the whole update.
+    criterion: Criterion(model, ...) by default, or its wrapped or compiled form.
     """
+    if isinstance(update, Batch):
+        update = Update([update], update.n_tokens)
+    device = update.batches[0].src.device
+    if criterion is None:
+        criterion = Criterion(model, cfg.label_smoothing, default_chunk(device))
+    processes = dist.get_world_size() if dist.is_initialized() else 1
     model.train()
-    device = batch.src.device
-    with autocast(device, precision):
-        if forward is None:
-            loss = batch_loss(model, batch, cfg.label_smoothing, default_chunk(device))
-        else:
-            loss = forward(model, batch, cfg.label_smoothing)
-        loss = loss / batch.n_tokens
     optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(update.batches):
+        inner = i < len(update.batches) - 1 and hasattr(criterion, "no_sync")
+        with criterion.no_sync() if inner else contextlib.nullcontext():
+            with autocast(device, precision):
+                loss = criterion(batch.src, batch.tgt_in, batch.tgt_out, batch.real)
+            scaled = loss * processes / update.n_tokens
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
+        loss_sum += loss.detach().float()
+    if processes > 1:
+        dist.all_reduce(loss_sum)  # queued on the device, like the gradients' all-reduce
+    loss = loss_sum / update.n_tokens
     max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         scaler.step(optimizer)  # skips on the device where the gradients are not finite
         scaler.update()
     else:
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         optimizer.found_inf = bad.float()  # fused Adam: no update where this is 1
         optimizer.step()
         del optimizer.found_inf
     scheduler.step()
-    totals.loss += torch.where(bad, 0.0, loss.detach().float())
+    totals.loss += torch.where(bad, 0.0, loss)
     totals.skipped += bad
     totals.bad_in_row.mul_(bad).add_(bad)  # +1 if bad, else back to 0
-    return loss.detach()
+    return loss
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
