@@ -16,8 +16,8 @@ from conftest import ROOT, TINY_CONFIG
 from transformer.batching import BatchIterator, Update, collate, prepare
 from transformer.checkpoint import build, load_checkpoint
 from transformer.config import load_config
-from transformer.step import Totals, make_optimizer, train_step
-from transformer.train import Trainer, inverse_sqrt_schedule
+from transformer.step import Totals, inverse_sqrt_schedule, make_optimizer, train_step
+from transformer.train import Trainer
 
 # Dropout off and one thread a process: runs that should make the same updates can be
 # compared number for number.

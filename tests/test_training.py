@@ -19,8 +19,7 @@ from transformer.checkpoint import (
 )
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
-from transformer.step import Totals, make_optimizer, train_step
-from transformer.train import inverse_sqrt_schedule
+from transformer.step import Totals, inverse_sqrt_schedule, make_optimizer, train_step
 
 
 def test_overfits_one_tiny_batch():

@@ -12,7 +12,8 @@ import json
 import os
 import time
 
-from .config import Config, ConfigError, load_config, to_dict
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError, from_dict, load_config, to_dict, with_overrides
 
 
 class RunError(RuntimeError):
@@ -106,3 +107,15 @@ def config_edits(cfg: Config, path: str) -> list[str]:
                         "train.* and data.path: put it back, or start a new run")
                 edits.append(f"{section}.{key}={json.dumps(value)}")
     return edits
+
+
+def resumed_config(run_dir: str, state: dict, overrides: list[str]) -> Config:
+    """The config a run goes on under: its checkpoint's, with hand edits and overrides."""
+    path = os.path.join(run_dir, "last.pt")
+    if "optimizer" not in state or not ("rng" in state or "rng_torch" in state):
+        raise CheckpointError(f"{path}: has no training state to resume from")
+    # The corpus may have moved since (data.path is checked once the overrides are in).
+    cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"],
+                    check_paths=False)
+    edits = config_edits(cfg, os.path.join(run_dir, "config.yaml"))
+    return with_overrides(cfg, edits + list(overrides), path, sections=RESUMABLE)

@@ -17,6 +17,7 @@ run. So here:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -203,6 +204,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-9,
                             weight_decay=cfg.weight_decay, fused=True)
+
+
+def inverse_sqrt_schedule(warmup_steps: int):
+    """lr factor: linear warmup to 1, then 1 / sqrt(step), the schedule of section 5.3."""
+    def factor(step: int) -> float:  # LambdaLR's step counts from 0
+        step += 1
+        if warmup_steps == 0:
+            return 1.0
+        return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+    return factor
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int):
+    """The learning rate of each update: train.lr times inverse_sqrt_schedule."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(warmup_steps))
 
 
 @torch.no_grad()

@@ -22,41 +22,31 @@ from tqdm import tqdm
 
 from .batching import prefetch, prepare
 from .checkpoint import (
-    CheckpointError,
     average_checkpoints,
     build,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
 )
-from .config import Config, from_dict, save_config, to_dict, with_overrides
+from .config import Config, save_config, to_dict
 from .decode import translate
 from .device import pick_device, resolve_precision, rng_state, set_deterministic, set_rng_state
 from .distributed import Distributed, Stopped, lost_peer
 from .evaluate import score
-from .runs import RESUMABLE, Interrupted, RunError, config_edits, make_run_dir, run_lock
+from .runs import Interrupted, RunError, make_run_dir, resumed_config, run_lock
 from .step import (
     Criterion,
     Totals,
     compile_criterion,
     default_chunk,
     make_optimizer,
+    make_schedule,
     train_step,
     validation_loss,
 )
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def inverse_sqrt_schedule(warmup_steps: int):
-    """lr factor: linear warmup to 1, then 1 / sqrt(step), the schedule of section 5.3."""
-    def factor(step: int) -> float:  # LambdaLR's step counts from 0
-        step += 1
-        if warmup_steps == 0:
-            return 1.0
-        return min(step / warmup_steps, math.sqrt(warmup_steps / step))
-    return factor
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # stop cleanly, save last.pt
@@ -89,8 +79,7 @@ class Trainer:
         if self.dist.rank:  # all start from process 0's weights (DDP copies them)...
             torch.manual_seed(self.t.seed + self.dist.rank)  # ...and draw their own dropout
         self.optimizer = make_optimizer(self.model, self.t)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, inverse_sqrt_schedule(self.t.warmup_steps))
+        self.scheduler = make_schedule(self.optimizer, self.t.warmup_steps)
         # fp16 has too few exponent bits for small gradients: scale the loss up first.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.totals = Totals.zeros(self.device)  # loss and skipped batches, on the device
@@ -482,15 +471,3 @@ def resume(run_dir: str, overrides: list[str] = ()) -> str:
         Trainer(cfg, run_dir, resume=state, dist=dist).run()
     dist.end()
     return run_dir
-
-
-def resumed_config(run_dir: str, state: dict, overrides: list[str]) -> Config:
-    """The config a run goes on under: its checkpoint's, with hand edits and overrides."""
-    path = os.path.join(run_dir, "last.pt")
-    if "optimizer" not in state or not ("rng" in state or "rng_torch" in state):
-        raise CheckpointError(f"{path}: has no training state to resume from")
-    # The corpus may have moved since (data.path is checked once the overrides are in).
-    cfg = from_dict(state["config"], source=f"{path} (saved config)", name=state["name"],
-                    check_paths=False)
-    edits = config_edits(cfg, os.path.join(run_dir, "config.yaml"))
-    return with_overrides(cfg, edits + list(overrides), path, sections=RESUMABLE)
