@@ -110,15 +110,15 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     batch = next(trainer.data.train.epoch(1))
     train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train,
                trainer.totals)  # a good step first: Adam's moments are no longer zero
-    assert trainer.totals.read()[1:] == (0, 0)
+    assert trainer.totals.read()[1:3] == (0, 0)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     moments = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
     with torch.no_grad():
         trainer.model.generator.weight[5, 0] = float("nan")
     train_step(trainer.model, batch, trainer.optimizer, trainer.scheduler, cfg.train,
                trainer.totals)
-    loss, skipped, bad_in_row = trainer.totals.read()
-    assert skipped == 1 and bad_in_row == 1 and math.isfinite(loss)
+    loss, skipped, bad_in_row, gnorm = trainer.totals.read()
+    assert skipped == 1 and bad_in_row == 1 and math.isfinite(loss) and math.isfinite(gnorm)
     for k, v in trainer.model.state_dict().items():
         if k != "generator.weight" and "embed" not in k:
             assert torch.equal(v, before[k]), k

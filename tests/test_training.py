@@ -19,7 +19,7 @@ from transformer.checkpoint import (
 )
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
-from transformer.step import Totals, inverse_sqrt_schedule, make_optimizer, train_step
+from transformer.step import Totals, inverse_sqrt_schedule, loss_fn, make_optimizer, train_step
 
 
 def test_overfits_one_tiny_batch():
@@ -40,6 +40,26 @@ def test_overfits_one_tiny_batch():
     model.eval()
     decoded = greedy_decode(model, batch.src, max_len=8)
     assert [h.ids for h in decoded] == [t[1:-1] for t in tgt]
+
+
+def test_the_logged_gradient_norm_is_the_one_before_clipping():
+    model = tiny_model(vocab=20, dropout=0.0)
+    batch = collate([[5, 6, 7, 3], [8, 9, 3]], [[2, 14, 15, 3], [2, 16, 3]])
+    cfg = load_config(TINY_CONFIG, ["train.clip_norm=0.001"]).train
+    reference = tiny_model(vocab=20, dropout=0.0).train()
+    hidden = reference.hidden(batch.src, batch.tgt_in)
+    (loss_fn(hidden, batch.tgt_out, reference.generator, cfg.label_smoothing)
+     / batch.n_tokens).backward()
+    expected = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad) for p in reference.parameters()]))
+    opt = make_optimizer(model, cfg)
+    totals = Totals.zeros(torch.device("cpu"))
+    train_step(model, batch, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg,
+               totals)
+    clipped = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert expected > 0.1 and clipped == pytest.approx(0.001, rel=1e-3)  # it was clipped
+    assert totals.read()[3] == pytest.approx(expected.item(), rel=1e-5)  # and logged before
 
 
 def test_schedule_warms_up_then_decays_as_inverse_sqrt():

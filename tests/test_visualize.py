@@ -1,6 +1,8 @@
 """Attention maps, training curves and sweeps: the weights are right and the commands work."""
 
 import csv
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -79,8 +81,11 @@ def test_make_attention_writes_a_figure_per_attention_and_layer(tiny_run, tmp_pa
 def test_make_plot_draws_the_training_curves(tiny_run):
     r = _make("plot", f"RUN={tiny_run}")
     assert r.returncode == 0, r.stderr
-    for name in ("loss.png", "bleu.png", "lr.png"):
+    for name in ("loss.png", "bleu.png", "lr.png", "stability.png"):
         assert (open(os.path.join(tiny_run, name), "rb").read(4) == b"\x89PNG"), name
+    with open(os.path.join(tiny_run, "metrics.jsonl")) as f:  # what stability.png draws
+        gnorms = [r["gnorm"] for r in map(json.loads, f) if "loss" in r]
+    assert gnorms and all(g > 0 and math.isfinite(g) for g in gnorms)
     r = _make("plot", "RUN=/no/such/run")
     assert r.returncode != 0 and "error: /no/such/run: no metrics.jsonl" in r.stderr
 

@@ -25,7 +25,7 @@ from .checkpoint import (
     step_checkpoints,
 )
 from .config import ConfigError, load_config, with_overrides
-from .data import DataError, columns, load_corpus
+from .data import DataError, columns, load_corpus, load_extra_split, tokenized_references
 from .decode import translate
 from .device import DeviceError, pick_device, resolve_precision
 from .distributed import Stopped
@@ -245,7 +245,9 @@ def _evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="transformer-evaluate",
                                 description="Translate a split and score it with sacreBLEU.")
     p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--split", default="test", choices=["test", "valid"])
+    p.add_argument("--split", default="test",
+                   help="test, valid, or another test set of a local corpus folder by its "
+                        "file stem (test_2017_flickr, test_2017_mscoco)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
@@ -260,10 +262,17 @@ def _evaluate(argv: list[str]) -> int:
     cfg = _with_beam(cfg, args.beam)
     corpus = load_corpus(cfg.data)
     if args.split not in corpus:
-        raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
+        if args.split in ("train", "valid", "test") or cfg.data.path is None:
+            raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
+        corpus[args.split] = load_extra_split(cfg.data.path, args.split, cfg.data.src_lang,
+                                              cfg.data.tgt_lang)
     device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     src, refs = columns(corpus[args.split])
+    tokenized = tokenized_references(cfg.data.path, args.split, cfg.data.tgt_lang)
+    if tokenized is not None and len(tokenized[1]) != len(refs):
+        raise DataError(f"{tokenized[0]} has {len(tokenized[1])} lines but the {args.split} "
+                        f"split has {len(refs)}")
     start = time.time()
     hyps = translate(model, tokenizer, src, cfg.decode, device, precision=precision)
     seconds = time.time() - start
@@ -272,7 +281,7 @@ def _evaluate(argv: list[str]) -> int:
     out = os.path.join(os.path.dirname(ckpt) or ".",
                        f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}"
                        f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
-    s = score(hyps, refs)
+    s = score(hyps, refs, tokenized, cfg.data.tgt_lang)
     print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}: "
           f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
     for line in s.lines():

@@ -244,6 +244,30 @@ def _load_split(path, stem, src_lang, tgt_lang) -> Dataset | None:
     return None
 
 
+def load_extra_split(path: str, name: str, src_lang: str, tgt_lang: str) -> Dataset:
+    """A split beyond train/valid/test, by its file stem (`test_2017_mscoco`), from a folder."""
+    found = _load_split(path, name, src_lang, tgt_lang)
+    if found is None:
+        raise DataError(f"{path}: no split {name!r} (no {name}.{src_lang}(.gz) and "
+                        f"{name}.{tgt_lang}(.gz), {name}.tsv or {name}.jsonl)")
+    return found
+
+
+def tokenized_references(path: str | None, split: str, lang: str) -> tuple[str, list[str]] | None:
+    """The lowercased, Moses-tokenized references of a split, where the folder has them.
+
+    Multi30k ships them as tok/<stem>.lc.norm.tok.<lang>(.gz) (its README says how they
+    were made); the published Multi30k BLEU is scored against them. (file, lines) or None.
+    """
+    if path is None:
+        return None
+    for stem in SPLIT_NAMES.get(split, (split,)):
+        found = _find(os.path.join(path, "tok"), f"{stem}.lc.norm.tok.{lang}")
+        if found:
+            return found, read_lines(found)
+    return None
+
+
 def columns(ds: Dataset) -> tuple[list[str], list[str]]:
     """The source and target sentences of a split, as plain lists."""
     return list(ds["src"]), list(ds["tgt"])

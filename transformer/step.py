@@ -118,20 +118,24 @@ class Totals:
     loss: torch.Tensor  # summed per-token loss of the batches that updated
     skipped: torch.Tensor  # batches whose update was skipped (non-finite)
     bad_in_row: torch.Tensor  # non-finite batches in a row, up to now
+    gnorm: torch.Tensor  # summed gradient norms before clipping, of the batches that updated
 
     @classmethod
     def zeros(cls, device: torch.device) -> Totals:
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+        return cls(*(torch.zeros((), device=device) for _ in range(4)))
 
-    def read(self) -> tuple[float, int, int]:
-        """(loss sum, skipped, bad in a row) as Python numbers: the one wait for the device."""
-        loss, skipped, bad = torch.stack([self.loss, self.skipped, self.bad_in_row]).tolist()
-        return loss, int(skipped), int(bad)
+    def read(self) -> tuple[float, int, int, float]:
+        """(loss sum, skipped, bad in a row, gradient norm sum) as Python numbers: the one
+        wait for the device."""
+        loss, skipped, bad, gnorm = torch.stack(
+            [self.loss, self.skipped, self.bad_in_row, self.gnorm]).tolist()
+        return loss, int(skipped), int(bad), gnorm
 
     def reset(self) -> None:
         """Start a new window (the count of bad batches in a row goes on)."""
         self.loss.zero_()
         self.skipped.zero_()
+        self.gnorm.zero_()
 
 
 def train_step(model: Transformer, update: Update | Batch, optimizer: torch.optim.Optimizer,
@@ -190,6 +194,7 @@ def train_step(model: Transformer, update: Update | Batch, optimizer: torch.opti
         del optimizer.found_inf
     scheduler.step()
     totals.loss += torch.where(bad, 0.0, loss)
+    totals.gnorm += torch.where(bad, 0.0, grad_norm.float())  # before clipping, as fairseq's
     totals.skipped += bad
     totals.bad_in_row.mul_(bad).add_(bad)  # +1 if bad, else back to 0
     return loss

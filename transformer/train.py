@@ -290,34 +290,37 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)  # acted on after the current step
 
-    def check_health(self) -> tuple[float, int]:
+    def check_health(self) -> tuple[float, int, float]:
         """Read the window's totals from the device; stop if too many batches were non-finite.
 
         Read at each log line and before each evaluation: a run whose losses have gone
         non-finite has had every update skipped since, so its weights are still the last
         good ones, but it is stopped before it writes them as a newer checkpoint.
         """
-        loss_sum, skipped, bad_in_row = self.totals.read()
+        loss_sum, skipped, bad_in_row, gnorm_sum = self.totals.read()
         if bad_in_row >= self.t.max_bad_steps:
             raise RunError(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
                            f"stopped. The last good checkpoint is "
                            f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
-        return loss_sum, skipped
+        return loss_sum, skipped, gnorm_sum
 
     def log_window(self) -> None:
         """One log line and metrics record for the steps since the last one."""
-        loss_sum, skipped = self.check_health()
+        loss_sum, skipped, gnorm_sum = self.check_health()
         steps, tokens = self.step - self.window_step, self.window_tokens
         seconds = time.time() - self.window_start
+        updated = max(steps - skipped, 1)
+        # gnorm: the mean gradient norm before clipping; a run about to stall shows it first.
         record = {"step": self.step, "epoch": self.epoch,
-                  "loss": round(loss_sum / max(steps - skipped, 1), 4),
+                  "loss": round(loss_sum / updated, 4), "gnorm": round(gnorm_sum / updated, 3),
                   "lr": self.scheduler.get_last_lr()[0],
                   "tokens_per_s": round(tokens / max(seconds, 1e-9)), "skipped": skipped}
         self.write_metrics(record)
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                   tok_s=record["tokens_per_s"])
-        log.info("step %d | epoch %d | loss %.3f | lr %.2e | %d tokens/s%s", self.step,
-                 self.epoch, record["loss"], record["lr"], record["tokens_per_s"],
+        log.info("step %d | epoch %d | loss %.3f | gnorm %.3f | lr %.2e | %d tokens/s%s",
+                 self.step, self.epoch, record["loss"], record["gnorm"], record["lr"],
+                 record["tokens_per_s"],
                  f" | {skipped} skipped (non-finite)" if skipped else "")
         self.new_window()
 

@@ -166,8 +166,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """loss.png, bleu.png and lr.png against steps, from run_dir/metrics.jsonl, into
-    out_dir (default: the run folder)."""
+    """loss.png, bleu.png, lr.png and stability.png (loss, gradient norm and learning rate
+    together) against steps, from run_dir/metrics.jsonl, into out_dir (default: the run
+    folder)."""
     plt = pyplot()
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -201,4 +202,30 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
+    paths.append(_stability(plt, run_dir, out_dir, series))
     return paths
+
+
+def _stability(plt, run_dir: str, out_dir: str, series) -> str:
+    """stability.png: loss, gradient norm (before clipping) and learning rate, one above
+    the other on one step axis. A run that stalls shows it here: its gradient norm jumps
+    or creeps up as the learning rate peaks, and its loss stops falling."""
+    panels = [("loss", [("train", "loss"), ("validation", "valid_loss")]),
+              ("gradient norm (before clipping)", [("gnorm", "gnorm")]),
+              ("learning rate", [("lr", "lr")])]
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    for ax, (title, lines) in zip(axes, panels):
+        for label, key in lines:
+            steps, values = series(key)
+            ax.plot(steps, values, label=label, marker="o" if key.startswith("valid") else None,
+                    markersize=3)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "stability.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
