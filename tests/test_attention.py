@@ -50,6 +50,26 @@ def test_additive_score_is_v_tanh_of_query_plus_key():
     assert torch.allclose(s[0, 1, 0, 2], v[1] @ torch.tanh(q[0, 1, 0] + k[0, 1, 2]))
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 200, 1])  # one chunk, several, one query each
+def test_chunked_additive_scores_equal_the_formula_values_and_gradients(chunk, monkeypatch):
+    import transformer.attention as attention
+
+    monkeypatch.setattr(attention, "ADDITIVE_CHUNK", chunk)
+    q, k, _ = _qkv(B=3, H=2, Tq=7, Tk=5, Dh=4)
+    q, k = 3 * q, 3 * k  # where tanh saturates too
+    v = torch.randn(2, 4)
+    g = torch.randn(3, 2, 7, 5)
+    grads = []
+    for fn in (attention.additive_scores_reference, additive_scores):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(g)
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    for ref, got in zip(*grads):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert grads[1][1].abs().max() > 0.1  # the gradients are not all zero
+
+
 def test_fast_path_equals_reference_with_padding_and_causal_masks():
     torch.manual_seed(0)
     mha = MultiHeadAttention(d_model=32, n_heads=4).eval()

@@ -7,8 +7,8 @@ How well query i matches key j:
 
 Two implementations of attention live here:
 - `reference_attention`: softmax(scores) V written out, for reading, for returning
-  the attention weights, for the additive score, and for the test that checks
-  the fast path;
+  the attention weights, for the additive score (whose scores `AdditiveScores`
+  computes a few queries at a time), and for the test that checks the fast path;
 - `F.scaled_dot_product_attention`: PyTorch's fused kernel for the dot-product
   score, used in training and translation.
 
@@ -34,14 +34,75 @@ def dot_product_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
 
 
-def additive_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def additive_scores_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, H, Tq, Dh), k (B, H, Tk, Dh), v (H, Dh) -> v^T tanh(q + k), (B, H, Tq, Tk).
 
-    Every query is added to every key, so this holds a (B, H, Tq, Tk, Dh) tensor:
-    Dh times the memory of the dot product, one reason the paper chose the latter.
+    Written as the formula reads: every query added to every key, a (B, H, Tq, Tk, Dh)
+    tensor, Dh times the memory of the dot product's scores, which autograd keeps for
+    the backward pass. `additive_scores` computes the same without holding it.
     """
     hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, H, Tq, Tk, Dh)
     return torch.einsum("bhqkd,hd->bhqk", hidden, v)
+
+
+ADDITIVE_CHUNK = 1 << 18  # elements of (B, H, n, Tk, Dh) made at a time: 1 MB of float32
+
+
+class AdditiveScores(torch.autograd.Function):
+    """v^T tanh(q + k) for every query and key, a few query positions at a time.
+
+    The (B, H, Tq, Tk, Dh) sums are made in chunks of about ADDITIVE_CHUNK elements,
+    which stay in the CPU's cache, and never all at once: the backward pass makes them
+    again instead of keeping them. Two identities make it cheap:
+    - tanh(x) = 2 sigmoid(2x) - 1: PyTorch's sigmoid is about 6x faster than its tanh
+      on the CPU, and the "2 . - 1" moves out of the sum over Dh;
+    - tanh'(x) = 1 - tanh(x)^2 = 4 s (1 - s), with s = sigmoid(2x): the gradients are
+      sums of g s and g s^2 (g the gradient of the scores), which are matrix products.
+    Tested equal to `additive_scores_reference`, values and gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, Tq, Dh = q.shape
+        n = max(1, min(Tq, ADDITIVE_CHUNK // (B * H * k.size(2) * Dh)))  # queries a chunk
+        q2, k2 = (2 * q).unsqueeze(3), (2 * k).unsqueeze(2)  # (B, H, Tq, 1, Dh), (B, H, 1, Tk, Dh)
+        sums = torch.empty(B, H, Tq, k.size(2), device=q.device, dtype=q.dtype)
+        buf = q.new_empty(B, H, n, k.size(2), Dh)
+        for i in range(0, Tq, n):
+            s = torch.add(q2[:, :, i:i + n], k2, out=buf[:, :, :min(n, Tq - i)]).sigmoid_()
+            sums[:, :, i:i + n] = (s @ v.view(1, H, 1, Dh, 1)).squeeze(-1)  # sum_d v_d s_d
+        ctx.save_for_backward(q, k, v)
+        return 2 * sums - v.sum(1).view(1, H, 1, 1)  # sum_d v_d (2 s_d - 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        B, H, Tq, Dh = q.shape
+        n = max(1, min(Tq, ADDITIVE_CHUNK // (B * H * k.size(2) * Dh)))
+        g = g.contiguous()  # (B, H, Tq, Tk)
+        q2, k2 = (2 * q).unsqueeze(3), (2 * k).unsqueeze(2)
+        buf = q.new_empty(B, H, n, k.size(2), Dh)
+        # sum over keys (per query) and over queries (per key) of g s and of g s^2
+        gs_q, gss_q = torch.empty_like(q), torch.empty_like(q)  # (B, H, Tq, Dh)
+        gs_k, gss_k = torch.zeros_like(k), torch.zeros_like(k)  # (B, H, Tk, Dh)
+        for i in range(0, Tq, n):
+            s = torch.add(q2[:, :, i:i + n], k2, out=buf[:, :, :min(n, Tq - i)]).sigmoid_()
+            gi = g[:, :, i:i + n]  # (B, H, n, Tk)
+            gs_q[:, :, i:i + n] = (gi.unsqueeze(3) @ s).squeeze(3)
+            gs_k += (s * gi.unsqueeze(-1)).sum(2)
+            s.square_()
+            gss_q[:, :, i:i + n] = (gi.unsqueeze(3) @ s).squeeze(3)
+            gss_k += (s * gi.unsqueeze(-1)).sum(2)
+        v4 = 4 * v.view(1, H, 1, Dh)  # d tanh(q + k) / dq = 4 s (1 - s), times v
+        dv = 2 * gs_q.sum((0, 2)) - g.sum((0, 2, 3)).unsqueeze(-1)  # sum g tanh = sum g (2s - 1)
+        return v4 * (gs_q - gss_q), v4 * (gs_k - gss_k), dv
+
+
+def additive_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Tq, Dh), k (B, H, Tk, Dh), v (H, Dh) -> v^T tanh(q + k), (B, H, Tq, Tk),
+    in chunks that never hold every (query, key) sum at once (`AdditiveScores`)."""
+    return AdditiveScores.apply(q, k, v)
 
 
 def reference_attention(
