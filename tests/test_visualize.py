@@ -128,6 +128,38 @@ overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2, train.d
     assert log.count('"valid_loss"') == 1  # not trained a second time
 
 
+def test_sweep_with_seeds_reports_mean_and_spread(tmp_path):
+    from transformer.sweep import run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"""
+base: {TINY_CONFIG}
+name: s
+grid:
+  model.n_heads: [1, 2]
+seeds: [1, 2, 3]
+overrides: [train.max_steps=30, train.eval_every=1000, train.log_every=10, train.device=cpu,
+            train.runs_dir={tmp_path}/runs, model.dropout=0.1,
+            data.data_dir={tmp_path}/data, train.keep_checkpoints=0]
+""")
+    run_sweep(str(sweep))
+    folder = tmp_path / "runs" / "sweep-s"
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [(r["model.n_heads"], r["seed"]) for r in rows] == [
+        (h, s) for h in ("1", "2") for s in ("1", "2", "3")]
+    for r in rows:  # each run trained with its own seed, into its own folder
+        name = f"n_heads-{r['model.n_heads']}_seed-{r['seed']}"
+        assert load_config(str(folder / name / "config.yaml")).train.seed == int(r["seed"])
+    losses = [float(r["valid_loss"]) for r in rows[:3]]
+    assert len(set(losses)) == 3  # the seeds made different runs
+    table = (folder / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and "mean ± sd" in table[0]
+    mean, sd = (sum(losses) / 3, (sum((x - sum(losses) / 3) ** 2 for x in losses) / 2) ** 0.5)
+    assert f"{mean:.3f} ± {sd:.3f}" in table[2]
+    bleus = [float(r["valid_bleu"]) for r in rows[:3]]
+    assert f"{min(bleus):.2f}-{max(bleus):.2f}" in table[2]
+
+
 def test_bad_sweep_file_is_one_line(tmp_path):
     from transformer.config import ConfigError
     from transformer.sweep import load_sweep
@@ -139,6 +171,10 @@ def test_bad_sweep_file_is_one_line(tmp_path):
     bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_heads: 4\n")
     with pytest.raises(ConfigError, match="grid: expected"):
         load_sweep(str(bad))
+    for seeds in ("[1, 1]", "3", "[]", "[one]"):
+        bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_heads: [4]\nseeds: {seeds}\n")
+        with pytest.raises(ConfigError, match="seeds: expected a list of different integers"):
+            load_sweep(str(bad))
 
 
 @pytest.mark.parametrize("command", ["plot", "attention"])

@@ -9,11 +9,14 @@ A sweep file (see configs/sweep.yaml):
       model.d_model: [64, 128, 256]
     points:                             # optional single points besides the grid
       - {model.attention: additive}
-    overrides: [train.max_minutes=4]    # the same budget for every point
+    overrides: [train.max_steps=800]    # the same budget for every point
+    seeds: [1, 2, 3]                    # optional: train every point once per seed
 
-Each point is an ordinary run. A finished point writes result.json and is skipped
+Each point is an ordinary run (one per seed). A finished point writes result.json and is skipped
 when the sweep runs again; an interrupted one is resumed from its last.pt. At the
-end the sweep writes results.md, results.csv and bleu-vs-parameters.png.
+end the sweep writes results.md, results.csv and bleu-vs-parameters.png; with seeds,
+results.md gives each point's mean and spread over them, and the plot every seed's BLEU
+around the mean, so that a difference can be told from the noise of one seed.
 """
 
 from __future__ import annotations
@@ -47,11 +50,17 @@ class Sweep:
     overrides: list[str]
     keys: list[str]  # the keys that vary, in order
     folder: str  # <train.runs_dir>/sweep-<name>
+    seeds: list[int] | None = None  # train.seed of each run of a point; None: the base's
+
+    def runs(self) -> list[tuple[dict, int | None]]:
+        """(point, seed) of every run, point by point."""
+        return [(point, seed) for point in self.points for seed in (self.seeds or [None])]
 
 
-def _point_name(point: dict) -> str:
-    """{'model.n_heads': 4, 'model.d_model': 128} -> 'n_heads-4_d_model-128'."""
-    return "_".join(f"{k.split('.', 1)[1]}-{v}" for k, v in point.items()) or "base"
+def _point_name(point: dict, seed: int | None = None) -> str:
+    """{'model.n_heads': 4, 'model.d_model': 128}, 2 -> 'n_heads-4_d_model-128_seed-2'."""
+    name = "_".join(f"{k.split('.', 1)[1]}-{v}" for k, v in point.items()) or "base"
+    return name if seed is None else f"{name}_seed-{seed}"
 
 
 def load_sweep(path: str) -> Sweep:
@@ -65,10 +74,15 @@ def load_sweep(path: str) -> Sweep:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or "base" not in raw:
         raise ConfigError(f"{path}: expected a mapping with base, grid and/or points")
-    unknown = set(raw) - {"base", "name", "grid", "points", "overrides"}
+    unknown = set(raw) - {"base", "name", "grid", "points", "overrides", "seeds"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected "
-                          "base, name, grid, points, overrides")
+                          "base, name, grid, points, overrides, seeds")
+    seeds = raw.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"{path}: seeds: expected a list of different integers, e.g. [1, 2, 3]")
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: grid: expected section.key: [value, ...] lines")
@@ -86,22 +100,23 @@ def load_sweep(path: str) -> Sweep:
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     runs_dir = load_config(str(raw["base"]), overrides).train.runs_dir
     sweep = Sweep(str(raw["base"]), name, points, overrides, keys,
-                  os.path.join(runs_dir, f"sweep-{name}"))
-    for point in points:  # fail now, not after an hour of training
+                  os.path.join(runs_dir, f"sweep-{name}"), seeds)
+    for point, seed in sweep.runs():  # fail now, not after an hour of training
         for key in point:
             parse_override(f"{key}=0")
-        load_config(sweep.base, _overrides(sweep, point))
+        load_config(sweep.base, _overrides(sweep, point, seed))
     return sweep
 
 
-def _overrides(sweep: Sweep, point: dict) -> list[str]:
+def _overrides(sweep: Sweep, point: dict, seed: int | None = None) -> list[str]:
     return [*sweep.overrides, *(f"{k}={json.dumps(v)}" for k, v in point.items()),
-            f"train.runs_dir={sweep.folder}", f"train.name={_point_name(point)}"]
+            *([] if seed is None else [f"train.seed={seed}"]),
+            f"train.runs_dir={sweep.folder}", f"train.name={_point_name(point, seed)}"]
 
 
-def run_point(sweep: Sweep, point: dict) -> dict:
-    """Train (or resume, or skip) one point; returns its row of the results table."""
-    run_dir = os.path.join(sweep.folder, _point_name(point))
+def run_point(sweep: Sweep, point: dict, seed: int | None = None) -> dict:
+    """Train (or resume, or skip) one run of a point; returns its row of the results."""
+    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as f:
@@ -111,12 +126,14 @@ def run_point(sweep: Sweep, point: dict) -> dict:
         resume(run_dir)
     else:
         log.info("sweep %s: training %s", sweep.name, run_dir)
-        cfg = load_config(sweep.base, _overrides(sweep, point))
+        cfg = load_config(sweep.base, _overrides(sweep, point, seed))
         if os.path.isdir(run_dir):  # an attempt killed before its first checkpoint
             log.info("sweep %s: %s has no checkpoint; starting it again", sweep.name, run_dir)
             shutil.rmtree(run_dir)
         train(cfg)
     row = summarize(run_dir, point)
+    if seed is not None:
+        row["seed"] = seed
     tmp = result_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(row, f, indent=1)
@@ -137,54 +154,86 @@ def summarize(run_dir: str, point: dict) -> dict:
             "minutes": last["minutes"], "steps": last["step"]}
 
 
-def write_results(sweep: Sweep, rows: list[dict]) -> list[str]:
-    """results.csv, results.md and bleu-vs-parameters.png in the sweep's folder."""
-    header = [*sweep.keys, *COLUMNS]
+def mean_row(runs: list[dict]) -> dict:
+    """One point's runs (one per seed) as one row: means, and the spread of the scores."""
+    row = dict(runs[0])
+    row.pop("seed", None)
+    for key in ("valid_loss", "valid_bleu", "minutes", "steps"):
+        values = [r[key] for r in runs]
+        row[key] = statistics.fmean(values)
+        row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+    row["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in runs))
+    row["seeds"] = len(runs)
+    return row
+
+
+def write_results(sweep: Sweep, groups: list[list[dict]]) -> list[str]:
+    """results.csv (every run), results.md (a row per point: with seeds, the mean and
+    spread over them) and bleu-vs-parameters.png in the sweep's folder."""
+    header = [*sweep.keys, *(["seed"] if sweep.seeds else []), *COLUMNS]
     csv_path = os.path.join(sweep.folder, "results.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
-        writer.writerows(rows)
-    titles = {"parameters": "parameters", "tokens_per_s": "tokens/s",
-              "valid_loss": "valid loss", "valid_bleu": "valid BLEU", "minutes": "minutes",
-              "steps": "steps"}
+        writer.writerows(r for runs in groups for r in runs)
+    rows = [mean_row(runs) for runs in groups]
+    titles = ["parameters", "tokens/s", "valid loss", "valid BLEU", "minutes", "steps"]
+    if sweep.seeds:
+        titles[2:4] = ["valid loss (mean ± sd)", "valid BLEU (mean ± sd)", "BLEU min-max"]
     md_path = os.path.join(sweep.folder, "results.md")
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write("| " + " | ".join(k.split(".", 1)[1] for k in sweep.keys) + " | "
-                + " | ".join(titles[c] for c in COLUMNS) + " |\n")
-        f.write("|" + "---|" * len(header) + "\n")
+        f.write("| " + " | ".join([*(k.split(".", 1)[1] for k in sweep.keys), *titles]) + " |\n")
+        f.write("|" + "---|" * (len(sweep.keys) + len(titles)) + "\n")
         for row in rows:
             cells = [str(row.get(k, "")) for k in sweep.keys]
-            cells += [f"{row['parameters']:,}", f"{row['tokens_per_s']:,}",
-                      f"{row['valid_loss']:.3f}", f"{row['valid_bleu']:.2f}",
-                      f"{row['minutes']:.1f}", str(row["steps"])]
+            cells += [f"{row['parameters']:,}", f"{row['tokens_per_s']:,}"]
+            if sweep.seeds:
+                cells += [f"{row['valid_loss']:.3f} ± {row['valid_loss_sd']:.3f}",
+                          f"{row['valid_bleu']:.2f} ± {row['valid_bleu_sd']:.2f}",
+                          f"{row['valid_bleu_min']:.2f}-{row['valid_bleu_max']:.2f}"]
+            else:
+                cells += [f"{row['valid_loss']:.3f}", f"{row['valid_bleu']:.2f}"]
+            cells += [f"{row['minutes']:.1f}", f"{row['steps']:.0f}"]
             f.write("| " + " | ".join(cells) + " |\n")
     return [md_path, csv_path, plot_sweep(sweep, rows)]
 
 
 def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") -> str:
     """Validation BLEU against parameters: one line per value of line_key on the grid;
-    points that differ in other ways (say, the additive score) as separate markers."""
+    points that differ in other ways (say, the additive score) as separate markers.
+    With seeds, each point is their mean, its bar from the lowest seed to the highest."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     others = [k for k in sweep.keys if k not in (line_key, "model.d_model")]
     on_grid = [r for r in rows if not any(k in r for k in others)]
+
+    def draw(line: list[dict], **style) -> None:
+        x, y = [r["parameters"] for r in line], [r["valid_bleu"] for r in line]
+        if sweep.seeds:
+            spread = [[r["valid_bleu"] - r["valid_bleu_min"] for r in line],
+                      [r["valid_bleu_max"] - r["valid_bleu"] for r in line]]
+            ax.errorbar(x, y, yerr=spread, capsize=3, **style)
+        else:
+            ax.plot(x, y, **style)
+
     for value in sorted({r.get(line_key) for r in on_grid if line_key in r}):
         line = sorted((r for r in on_grid if r.get(line_key) == value),
                       key=lambda r: r["parameters"])
-        ax.plot([r["parameters"] for r in line], [r["valid_bleu"] for r in line], marker="o",
-                label=f"{line_key.split('.', 1)[1]} = {value}")
+        draw(line, marker="o", label=f"{line_key.split('.', 1)[1]} = {value}")
     for r in rows:
         if r not in on_grid:
             label = ", ".join(f"{k.split('.', 1)[1]} = {r[k]}" for k in sweep.keys if k in r)
-            ax.plot([r["parameters"]], [r["valid_bleu"]], marker="*", markersize=12,
-                    linestyle="none", label=label)
+            draw([r], marker="*", markersize=12, linestyle="none", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("validation BLEU (greedy)")
+    ax.set_ylabel("validation BLEU (greedy)" + (", mean and range over seeds"
+                                                 if sweep.seeds else ""))
     budget = [o for o in sweep.overrides if o.split("=")[0] in ("train.max_minutes",
                                                                  "train.max_steps")]
-    ax.set_title(f"sweep {sweep.name} ({', '.join(budget) or 'the base budget'})", fontsize=10)
+    seeds = f", seeds {', '.join(map(str, sweep.seeds))}" if sweep.seeds else ""
+    ax.set_title(f"sweep {sweep.name} ({', '.join(budget) or 'the base budget'}{seeds})",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -195,12 +244,15 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
 
 
 def run_sweep(path: str) -> list[str]:
-    """Every point of the sweep file at path, then the table and the plot."""
+    """Every run of the sweep file at path (each point, once per seed), then the table
+    and the plot."""
     sweep = load_sweep(path)
     os.makedirs(sweep.folder, exist_ok=True)
-    rows = []
-    for i, point in enumerate(sweep.points, start=1):
-        log.info("sweep %s: point %d of %d: %s", sweep.name, i, len(sweep.points),
-                 _point_name(point))
-        rows.append(run_point(sweep, point))
-    return write_results(sweep, rows)
+    runs, groups = sweep.runs(), []
+    for i, (point, seed) in enumerate(runs, start=1):
+        log.info("sweep %s: run %d of %d: %s", sweep.name, i, len(runs), _point_name(point, seed))
+        row = run_point(sweep, point, seed)
+        if seed is None or seed == sweep.seeds[0]:
+            groups.append([])
+        groups[-1].append(row)
+    return write_results(sweep, groups)
