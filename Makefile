@@ -13,8 +13,9 @@ RESUME ?=
 NPROC  ?=
 TORCHRUN ?=
 SWEEP  ?= configs/sweep.yaml
+PROBE  ?= configs/probe.yaml
 
-.PHONY: install test lint train translate evaluate average attention plot sweep bench \
+.PHONY: install test lint train translate evaluate average attention probe plot sweep bench \
 	bench-decode clean
 
 install:  ## virtual environment in .venv with torch (CPU build) and the project
@@ -51,6 +52,9 @@ average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*
 attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of all attentions
 	@$(BIN)/transformer-attention $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
 		-- "$$SENTENCE_TEXT"
+
+probe:  ## make probe [CKPT=runs/x/best.pt] [PROBE=configs/probe.yaml]: pronoun -> noun attention
+	@$(BIN)/transformer-probe $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) --file $(PROBE)
 
 plot:  ## make plot RUN=runs/x: loss, validation BLEU and learning rate against steps
 	@$(BIN)/transformer-plot $(RUN)

@@ -206,3 +206,35 @@ def test_plot_and_attention_write_beside_the_run_or_else_here(tiny_run, tmp_path
     assert "Permission denied" in err and len(err.strip().splitlines()) == 1
     written = [p for p in tmp_path.rglob("*.png")]
     assert written and all(str(p).startswith(str(tmp_path)) for p in written)
+
+
+def test_probe_finds_each_word_among_the_pieces():
+    from transformer.probe import find, word_pieces
+
+    pieces = ["\u2581The", "\u2581ani", "<unk>", "al", "\u2581", "it", "\u2581st", "reet", ".",
+              "</s>"]
+    words = word_pieces("The animal it street.", pieces)
+    assert find(words, "animal") == [1, 2, 3] and find(words, "it") == [4, 5]
+    assert find(words, "street") == [6, 7, 8]  # "street." is the word "street"
+    with pytest.raises(ValueError):
+        word_pieces("The animal", pieces)
+
+
+@needs_make
+def test_make_probe_reports_the_pronoun_attention_of_every_layer(tiny_run, tmp_path):
+    r = _make("probe", f"CKPT={tiny_run}/last.pt")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("layer ") and "of 8 sentences" in line]
+    assert len(summary) == 2  # the tiny model's two layers, the eight sentences of the file
+    weights = [float(x) for line in lines if line.startswith("  layer")
+               for x in line.split("|")[1].split(":")[1].replace("/", " ").split()]
+    assert len(weights) == 8 * 2 * 2 * 2 and all(0 <= w <= 1 for w in weights)
+    assert any("all heads of all layers" in line for line in lines)
+    bad = tmp_path / "probe.yaml"
+    bad.write_text("- sentence: The cat sat.\n  pronoun: it\n  candidates: [cat, mat]\n"
+                   "  answer: cat\n")
+    r = _make("probe", f"CKPT={tiny_run}/last.pt", f"PROBE={bad}")
+    said = [line for line in r.stderr.splitlines() if not line.startswith("make:")]
+    assert r.returncode == 2 and len(said) == 1
+    assert "'it' is not a word of the sentence" in said[0]

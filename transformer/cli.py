@@ -376,6 +376,33 @@ def attention_main(argv: list[str] | None = None) -> int:
     return _run(_attention, argv)
 
 
+def _probe(argv: list[str]) -> int:
+    from .probe import load_items, probe, report
+
+    p = argparse.ArgumentParser(
+        prog="transformer-probe",
+        description="Where the encoder self-attention of a pronoun goes: onto the noun it "
+                    "refers to, or the other one?")
+    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--file", default="configs/probe.yaml", help="the probe sentences")
+    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
+    args = p.parse_args(argv)
+    items = load_items(args.file)
+    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
+    model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
+    cfg = _with_beam(cfg, args.beam)
+    print(f"{ckpt} (step {state['step']}): encoder self-attention from the pronoun onto each "
+          f"candidate, weights summed over the candidate's pieces")
+    for line in report(probe(model, tokenizer, items, cfg.decode.beam_size)):
+        print(line)
+    return 0
+
+
+def probe_main(argv: list[str] | None = None) -> int:
+    return _run(_probe, argv)
+
+
 def _plot(argv: list[str]) -> int:
     from .visualize import plot_run
 

@@ -335,13 +335,14 @@ class _SafeNoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Read a YAML config, apply dotted overrides, validate, freeze."""
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """A YAML file (config, sweep or probe) as plain data, by the safe loader below; any
+    problem is one ConfigError naming the file (and the line)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_SafeNoAliasLoader)  # noqa: S506 - a SafeLoader
+            return yaml.load(f, Loader=_SafeNoAliasLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
@@ -349,7 +350,11 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) 
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    raw = raw or {}
+
+
+def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Read a YAML config, apply dotted overrides, validate, freeze."""
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
     for text in overrides:

@@ -30,10 +30,8 @@ import shutil
 import statistics
 from dataclasses import dataclass
 
-import yaml
-
 from .checkpoint import model_from_checkpoint
-from .config import ConfigError, _SafeNoAliasLoader, load_config, parse_override
+from .config import ConfigError, load_config, parse_override, read_yaml
 from .train import resume, train
 from .visualize import pyplot, read_metrics
 
@@ -65,13 +63,7 @@ def _point_name(point: dict, seed: int | None = None) -> str:
 
 def load_sweep(path: str) -> Sweep:
     """Read and check a sweep file; every point's config is validated before any training."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.load(f, Loader=_SafeNoAliasLoader)  # noqa: S506 - a SafeLoader
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: sweep file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict) or "base" not in raw:
         raise ConfigError(f"{path}: expected a mapping with base, grid and/or points")
     unknown = set(raw) - {"base", "name", "grid", "points", "overrides", "seeds"}
