@@ -32,6 +32,27 @@ def test_decoder_is_causal(model):
     assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
 
 
+def test_encoder_self_attention_sees_every_position_before_and_after(model):
+    src = torch.randint(4, 23, (2, 6))
+    changed = src.clone()
+    changed[:, 5] = (src[:, 5] - 4 + 1) % 19 + 4  # another word at the last position only
+    memory, _ = model.encode(src)
+    other, _ = model.encode(changed)
+    assert not torch.allclose(memory[:, 0], other[:, 0], atol=1e-4)  # the first position saw it
+
+
+def test_cross_attention_queries_come_from_the_decoder_keys_from_the_encoder(model):
+    src, tgt = torch.randint(4, 23, (2, 6)), torch.randint(4, 23, (2, 5))
+    from transformer.visualize import attention_weights
+
+    w = attention_weights(model, src, tgt)["encoder-decoder"][0]
+    assert w.shape == (2, 4, 5, 6)  # a row per target position, a column per source position
+    changed = src.clone()
+    changed[:, 3] = (src[:, 3] - 4 + 1) % 19 + 4
+    a, b = model(src, tgt), model(changed, tgt)
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-4)  # every target position reads it
+
+
 def test_extra_padding_changes_nothing(model):
     src = torch.randint(4, 23, (2, 6))
     tgt = torch.randint(4, 23, (2, 5))
