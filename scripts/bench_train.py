@@ -15,6 +15,7 @@ On the CPU, or on a GPU when there is one (--device), at train.precision's choic
     python scripts/bench_train.py [--quick] [--device cuda] [--precision bf16]
     python scripts/bench_train.py --profile multi30k   # where a training step's time goes
     python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
+    python scripts/bench_train.py --additive           # the two score functions' step time
 """
 
 from __future__ import annotations
@@ -139,6 +140,68 @@ def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device:
     return result
 
 
+ADDITIVE_SIZE = dict(d_model=128, n_heads=4, n_layers=3, d_ff=512, dropout=0.1)
+SCORE_VARIANTS = {"dot product": "scaled_dot", "additive": "additive",
+                  "additive, formula": "additive"}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+
+
+def step_memory(variant: str, batch, vocab: int) -> float:
+    """MB that the first training step of a score variant adds to this process at its peak
+    (the high-water mark is reset first: /proc/self/clear_refs; Adam's moments, 15 MB, are
+    made in it too); run in a fresh process for each."""
+    import transformer.attention as attention
+
+    if variant == "additive, formula":
+        attention.additive_scores = attention.additive_scores_reference
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**ADDITIVE_SIZE, attention=SCORE_VARIANTS[variant]),
+                        vocab, vocab, share_embeddings=True).train()
+    step = step_fn(model, torch.device("cpu"), "fp32")
+    before = _status_kb("VmRSS")  # the first step: nothing cached by the allocator yet
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    step(batch)
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def additive_speed(vocab: int, batches: list, rounds: int, device: torch.device,
+                   precision: str) -> dict:
+    """Training step time of the two score functions at the sweep's size (d_model 128, 4
+    heads): the dot product, the additive score (`AdditiveScores`), and the additive
+    score as the formula reads (`additive_scores_reference`, every (query, key) sum at
+    once, which the model used before), interleaved round by round on the same batches."""
+    import transformer.attention as attention
+
+    size = ADDITIVE_SIZE
+    formula, chunked = attention.additive_scores_reference, attention.additive_scores
+    variants = {"dot product": ("scaled_dot", chunked), "additive": ("additive", chunked),
+                "additive, formula": ("additive", formula)}
+    steps, seconds = {}, {name: [] for name in variants}
+    for name, (score, _) in variants.items():
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**size, attention=score), vocab, vocab,
+                            share_embeddings=True).to(device).train()
+        steps[name] = step_fn(model, device, precision)
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, step in steps.items():
+            attention.additive_scores = variants[name][1]
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                for b in batches:
+                    step(b)
+                synchronize(device)
+                seconds[name].append(time.perf_counter() - start)
+            finally:
+                attention.additive_scores = chunked
+    return {name: 1000 * statistics.median(s[1:]) / len(batches) for name, s in seconds.items()}
+
+
 def random_batches(src, tgt, sentences: int, seed: int = 0):
     order = list(range(len(src)))
     random.Random(seed).shuffle(order)
@@ -258,6 +321,10 @@ def main() -> int:
                         "the time goes")
     p.add_argument("--loss", choices=["default", "multi30k"],
                    help="only time the output projection and loss, whole batch against chunks")
+    p.add_argument("--additive", action="store_true",
+                   help="only time a training step with the dot product, the additive score, "
+                        "and the additive score as the formula reads")
+    p.add_argument("--step-memory", choices=list(SCORE_VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="as train.precision (auto: bf16 on a GPU that has it, else fp32)")
@@ -267,6 +334,35 @@ def main() -> int:
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "precision": precision}
+
+    if args.additive:  # the sweep's point: the default config (the Bible) at d_model 128
+        from transformer.batching import prepare
+
+        data = prepare(load_config(os.path.join(ROOT, "configs", "default.yaml")))
+        batches = [b.to(device) for b in list(data.train.epoch(1))[:4]]
+        ms = additive_speed(data.tokenizer.src_vocab, batches, 2 if args.quick else 3, device,
+                            precision)
+        print(f"training step, d_model 128, 4 heads, {len(batches)} batches of the default "
+              f"config (the Bible, {data.train.batch_tokens:,} tokens a batch):")
+        for name, t in ms.items():
+            print(f"  {name:18} {t:7.0f} ms  ({t / ms['dot product']:.1f}x the dot product)")
+        print(f"the additive score: {ms['additive, formula'] / ms['additive']:.1f}x faster than "
+              "the formula")
+        if device.type == "cpu" and os.path.exists("/proc/self/clear_refs"):
+            print("memory one training step adds at its peak, on the first batch "
+                  f"({tuple(batches[0].src.shape)} source), each in a fresh process:")
+            for name in SCORE_VARIANTS:
+                r = subprocess.run([sys.executable, __file__, "--step-memory", name],
+                                   cwd=ROOT, check=True, capture_output=True, text=True)
+                print(f"  {name:18} {float(r.stdout.split()[-1]):7.0f} MB")
+        return 0
+    if args.step_memory:  # one variant, in this fresh process (see step_memory)
+        from transformer.batching import prepare
+
+        data = prepare(load_config(os.path.join(ROOT, "configs", "default.yaml")))
+        first = next(data.train.epoch(1))
+        print(f"{step_memory(args.step_memory, first, data.tokenizer.src_vocab):.1f}")
+        return 0
 
     data_cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
                            [f"data.path={MULTI30K}"]).data
