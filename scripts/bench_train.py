@@ -105,6 +105,16 @@ def matmul_peak(device: torch.device, precision: str, repeats: int = 10) -> floa
     return 2 * n**3 / min(times)
 
 
+def timed(step, batches: list, device: torch.device) -> float:
+    """Seconds for step over the batches, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    for b in batches:
+        step(b)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device: torch.device,
                precision: str) -> dict:
     """Ours and the reference on the same batches, interleaved round by round."""
@@ -120,12 +130,7 @@ def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device:
     seconds = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for b in batches:
-                step(b)
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(timed(step, batches, device))
     with FlopCounterMode(display=False) as counter:
         steps["ours"](batches[0])
     flops_per_token = counter.get_total_flops() / batches[0].n_tokens
@@ -191,12 +196,7 @@ def additive_speed(vocab: int, batches: list, rounds: int, device: torch.device,
         for name, step in steps.items():
             attention.additive_scores = variants[name][1]
             try:
-                synchronize(device)
-                start = time.perf_counter()
-                for b in batches:
-                    step(b)
-                synchronize(device)
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(timed(step, batches, device))
             finally:
                 attention.additive_scores = chunked
     return {name: 1000 * statistics.median(s[1:]) / len(batches) for name, s in seconds.items()}
