@@ -235,6 +235,6 @@ def test_make_probe_reports_the_pronoun_attention_of_every_layer(tiny_run, tmp_p
     bad.write_text("- sentence: The cat sat.\n  pronoun: it\n  candidates: [cat, mat]\n"
                    "  answer: cat\n")
     r = _make("probe", f"CKPT={tiny_run}/last.pt", f"PROBE={bad}")
-    said = [line for line in r.stderr.splitlines() if not line.startswith("make:")]
+    said = [line for line in r.stderr.splitlines() if not line.startswith("make")]  # make[1]:
     assert r.returncode == 2 and len(said) == 1
     assert "'it' is not a word of the sentence" in said[0]
