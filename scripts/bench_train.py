@@ -182,19 +182,16 @@ def additive_speed(vocab: int, batches: list, rounds: int, device: torch.device,
     once, which the model used before), interleaved round by round on the same batches."""
     import transformer.attention as attention
 
-    size = ADDITIVE_SIZE
     formula, chunked = attention.additive_scores_reference, attention.additive_scores
-    variants = {"dot product": ("scaled_dot", chunked), "additive": ("additive", chunked),
-                "additive, formula": ("additive", formula)}
-    steps, seconds = {}, {name: [] for name in variants}
-    for name, (score, _) in variants.items():
+    steps, seconds = {}, {name: [] for name in SCORE_VARIANTS}
+    for name, score in SCORE_VARIANTS.items():
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(**size, attention=score), vocab, vocab,
+        model = Transformer(ModelConfig(**ADDITIVE_SIZE, attention=score), vocab, vocab,
                             share_embeddings=True).to(device).train()
         steps[name] = step_fn(model, device, precision)
     for _ in range(rounds + 1):  # the first round warms up
         for name, step in steps.items():
-            attention.additive_scores = variants[name][1]
+            attention.additive_scores = formula if name == "additive, formula" else chunked
             try:
                 seconds[name].append(timed(step, batches, device))
             finally:

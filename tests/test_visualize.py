@@ -90,21 +90,26 @@ def test_make_plot_draws_the_training_curves(tiny_run):
     assert r.returncode != 0 and "error: /no/such/run: no metrics.jsonl" in r.stderr
 
 
-def test_sweep_trains_every_point_tabulates_and_resumes(tmp_path):
-    from transformer.sweep import run_sweep
-
+def _sweep_file(tmp_path, name: str, extra: str, budget: str):
+    """A sweep of the tiny config over 1 and 2 heads, in tmp_path."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""
 base: {TINY_CONFIG}
-name: t
+name: {name}
 grid:
   model.n_heads: [1, 2]
-points:
-  - {{model.attention: additive}}
-overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2, train.device=cpu,
-            train.runs_dir={tmp_path}/runs,
+{extra}
+overrides: [{budget}, train.eval_every=1000, train.device=cpu, train.runs_dir={tmp_path}/runs,
             data.data_dir={tmp_path}/data, train.keep_checkpoints=0]
 """)
+    return sweep
+
+
+def test_sweep_trains_every_point_tabulates_and_resumes(tmp_path):
+    from transformer.sweep import run_sweep
+
+    sweep = _sweep_file(tmp_path, "t", "points:\n  - {model.attention: additive}",
+                        "train.max_steps=4, train.log_every=2")
     paths = run_sweep(str(sweep))
     folder = tmp_path / "runs" / "sweep-t"
     assert [os.path.basename(p) for p in paths] == ["results.md", "results.csv",
@@ -131,17 +136,8 @@ overrides: [train.max_steps=4, train.eval_every=1000, train.log_every=2, train.d
 def test_sweep_with_seeds_reports_mean_and_spread(tmp_path):
     from transformer.sweep import run_sweep
 
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"""
-base: {TINY_CONFIG}
-name: s
-grid:
-  model.n_heads: [1, 2]
-seeds: [1, 2, 3]
-overrides: [train.max_steps=30, train.eval_every=1000, train.log_every=10, train.device=cpu,
-            train.runs_dir={tmp_path}/runs, model.dropout=0.1,
-            data.data_dir={tmp_path}/data, train.keep_checkpoints=0]
-""")
+    sweep = _sweep_file(tmp_path, "s", "seeds: [1, 2, 3]",
+                        "train.max_steps=30, train.log_every=10, model.dropout=0.1")
     run_sweep(str(sweep))
     folder = tmp_path / "runs" / "sweep-s"
     rows = list(csv.DictReader(open(folder / "results.csv")))

@@ -64,7 +64,7 @@ def load_items(path: str) -> list[Item]:
 
 
 def _word(text: str) -> str:
-    return text.strip(string.punctuation + WORD_START).lower()
+    return text.strip(string.punctuation).lower()
 
 
 def word_pieces(sentence: str, pieces: list[str]) -> list[tuple[str, list[int]]]:

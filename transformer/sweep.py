@@ -240,11 +240,11 @@ def run_sweep(path: str) -> list[str]:
     and the plot."""
     sweep = load_sweep(path)
     os.makedirs(sweep.folder, exist_ok=True)
-    runs, groups = sweep.runs(), []
-    for i, (point, seed) in enumerate(runs, start=1):
-        log.info("sweep %s: run %d of %d: %s", sweep.name, i, len(runs), _point_name(point, seed))
-        row = run_point(sweep, point, seed)
-        if seed is None or seed == sweep.seeds[0]:
-            groups.append([])
-        groups[-1].append(row)
+    total, groups = len(sweep.runs()), []
+    for point in sweep.points:
+        groups.append([])  # the point's runs, one per seed
+        for seed in sweep.seeds or [None]:
+            log.info("sweep %s: run %d of %d: %s", sweep.name, sum(map(len, groups)) + 1,
+                     total, _point_name(point, seed))
+            groups[-1].append(run_point(sweep, point, seed))
     return write_results(sweep, groups)
