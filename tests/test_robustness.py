@@ -12,10 +12,12 @@ import pytest
 import torch
 import yaml
 
+import transformer.logbook as logbook_mod
 import transformer.train as train_mod
 from conftest import MULTI30K, ROOT, TINY_CONFIG, TOY
 from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from transformer.config import ConfigError, load_config
+from transformer.runs import Position
 from transformer.train import RunError, Trainer, make_run_dir, resume, train, train_step
 
 
@@ -60,6 +62,15 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path, device):
         assert len(a["rng"]["cuda"]) == torch.cuda.device_count()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_where_a_run_stands_round_trips_and_older_checkpoints_still_resume():
+    at = Position(step=7, epoch=2, batch_in_epoch=3, best_bleu=1.5, evals_since_best=1,
+                  elapsed=9.0, last_eval=5)
+    state = {"model": {}, "optimizer": {}, **at.to_dict()}
+    assert Position.from_checkpoint(state) == at
+    del state["last_eval"]  # written before evaluations were tracked: they came with saves
+    assert Position.from_checkpoint(state) == Position(7, 2, 3, 1.5, 1, 9.0, last_eval=7)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -386,7 +397,7 @@ def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoint(tmp_path
         if str(path).endswith("metrics.jsonl") and "a" in mode:
             raise OSError(28, "No space left on device")
         return builtins.open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(train_mod, "open", full, raising=False)
+    monkeypatch.setattr(logbook_mod, "open", full, raising=False)
     with pytest.raises(RunError, match="metrics.jsonl: No space left on device; the checkpoints"):
         resume(run, ["train.max_steps=10"])
     assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 5

@@ -1,4 +1,4 @@
-"""Run folders, and the errors that end a run.
+"""Run folders, where a run stands, and the errors that end a run.
 
 A run lives in runs/<name>/: config.yaml, the tokenizer, metrics.jsonl and the
 checkpoints (last.pt, best.pt, step-*.pt, average.pt).
@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, from_dict, load_config, to_dict, with_overrides
@@ -22,6 +23,29 @@ class RunError(RuntimeError):
 
 class Interrupted(RuntimeError):
     """Training stopped by Ctrl-C or SIGTERM after saving last.pt; says how to resume."""
+
+
+@dataclass
+class Position:
+    """Where a run stands. All of it goes into every checkpoint that a run can resume from,
+    so that the resumed run goes on exactly there."""
+
+    step: int = 0  # updates taken (or skipped as non-finite)
+    epoch: int = 1  # the epoch in progress
+    batch_in_epoch: int = 0  # updates of this epoch already taken
+    best_bleu: float = -1.0  # the best validation BLEU so far (best.pt's)
+    evals_since_best: int = 0  # evaluations without a better BLEU (for train.patience)
+    elapsed: float = 0.0  # seconds trained before this process started
+    last_eval: int = -1  # the step of the last evaluation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> Position:
+        fields = {k: state[k] for k in cls.__dataclass_fields__ if k in state}
+        fields.setdefault("last_eval", state["step"])  # older checkpoints: at every save
+        return cls(**fields)
 
 
 # What makes a folder hold a run: its metrics or checkpoints. A config.yaml alone is a run

@@ -1,14 +1,15 @@
 """Training: the loop with its budgets, evaluations, checkpoints, resuming and signals.
 
 The step itself (forward, backward, update) is in step.py; the device, precision
-and random states in device.py. This file decides when to log, evaluate, save and
-stop, and keeps where the run stands so that it can go on after an interruption.
+and random states in device.py; the log lines and metrics.jsonl in logbook.py; where
+the run stands (step, epoch, best BLEU, ...) in runs.Position. This file decides when
+to log, evaluate, save and stop, and saves where the run stands in every checkpoint so
+that it can go on after an interruption.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -18,7 +19,6 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .batching import prefetch, prepare
 from .checkpoint import (
@@ -33,7 +33,8 @@ from .decode import translate
 from .device import pick_device, resolve_precision, rng_state, set_deterministic, set_rng_state
 from .distributed import Distributed, Stopped, lost_peer
 from .evaluate import score
-from .runs import Interrupted, RunError, make_run_dir, resumed_config, run_lock
+from .logbook import Logbook
+from .runs import Interrupted, Position, RunError, make_run_dir, resumed_config, run_lock
 from .step import (
     Criterion,
     Totals,
@@ -83,17 +84,11 @@ class Trainer:
         # fp16 has too few exponent bits for small gradients: scale the loss up first.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.totals = Totals.zeros(self.device)  # loss and skipped batches, on the device
+        self.logbook = Logbook(run_dir, self.totals, self.t.max_bad_steps, self.dist.main)
         self.criterion = self.make_criterion()
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes the step has seen
         self.rngs: list[dict] = []  # every process's random states, gathered for a checkpoint
-        # Where the run stands: all of it goes into every checkpoint.
-        self.step = 0  # updates taken (or skipped as non-finite)
-        self.epoch = 1  # the epoch in progress
-        self.batch_in_epoch = 0  # updates of this epoch already taken
-        self.best_bleu = -1.0
-        self.evals_since_best = 0
-        self.elapsed = 0.0  # seconds of training before this process started
-        self.last_eval = -1  # the step of the last evaluation
+        self.at = Position()  # where the run stands: step, epoch, best BLEU, ...
         if resume is not None:
             self._load(resume)
             if self.dist.main:  # the config the run goes on under, train.* overrides included
@@ -134,16 +129,14 @@ class Trainer:
         state = {
             "name": self.cfg.name, "config": to_dict(self.cfg),
             "tokenizer": self.data.tokenizer.to_dict(), "model": self.model.state_dict(),
-            "step": self.step, "epoch": self.epoch, "best_bleu": self.best_bleu,
+            "step": self.at.step, "epoch": self.at.epoch, "best_bleu": self.at.best_bleu,
         }
         if full:
+            state.update(self.at.to_dict())
             state.update({
+                "elapsed": self.minutes() * 60,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "batch_in_epoch": self.batch_in_epoch,
-                "evals_since_best": self.evals_since_best,
-                "elapsed": self.elapsed + time.time() - self.start,
-                "last_eval": self.last_eval,
                 "updates_of": [self.dist.world_size, self.t.accumulate],
             })
             rngs = self.rngs if self.dist.world_size > 1 else [rng_state(self.device)]
@@ -164,11 +157,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise RunError(f"{self.run_dir}/last.pt: cannot resume: its training state does not "
                            f"fit this model ({str(e).splitlines()[0][:200]})") from None
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.best_bleu, self.evals_since_best = state["best_bleu"], state["evals_since_best"]
-        self.elapsed = state["elapsed"]
-        self.last_eval = state.get("last_eval", self.step)  # older checkpoints: at every save
+        self.at = Position.from_checkpoint(state)
         # Checkpoints written before the CUDA states were saved hold the first two only.
         rng = state.get("rng") or {"python": state["rng_python"], "cpu": state["rng_torch"]}
         ranks = state.get("rng_ranks", [rng])
@@ -177,12 +166,12 @@ class Trainer:
         elif self.dist.main:
             set_rng_state(rng, self.device)
         else:  # more processes than saved states: new dropout masks, from a seed of its own
-            torch.manual_seed(self.t.seed + 1_000 * self.step + self.dist.rank)
+            torch.manual_seed(self.t.seed + 1_000 * self.at.step + self.dist.rank)
         split = state.get("updates_of", [1, 1])
         if split != [self.dist.world_size, self.t.accumulate]:
             log.info("resumed with %d processes x %d micro-batches an update, trained with "
                      "%d x %d: the rest of epoch %d is cut into micro-batches anew",
-                     self.dist.world_size, self.t.accumulate, *split, self.epoch)
+                     self.dist.world_size, self.t.accumulate, *split, self.at.epoch)
 
     def save(self, name: str, full: bool = True) -> str:
         """Write a checkpoint (process 0 only; the others return its path)."""
@@ -201,17 +190,6 @@ class Trainer:
         """Every process's random states, for the next checkpoint (all processes call this)."""
         self.rngs = self.dist.gather(rng_state(self.device))
 
-    def write_metrics(self, record: dict) -> None:
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        if not self.dist.main:
-            return
-        try:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise RunError(f"cannot write {path}: {e.strerror or e}; the checkpoints in "
-                           f"{self.run_dir} are intact") from None
-
     def valid_bleu(self) -> tuple[float, list[str]]:
         n = self.t.eval_bleu_sentences or len(self.data.valid_src)
         hyps = translate(self.model, self.data.tokenizer, self.data.valid_src[:n],
@@ -224,34 +202,34 @@ class Trainer:
         Every process calls this; process 0 validates and saves while the others wait,
         and all of them learn from it whether BLEU improved (for train.patience).
         """
-        self.check_health()
-        self.last_eval = self.step
+        self.logbook.check_health(self.at.step)
+        self.at.last_eval = self.at.step
         self.gather_rngs()
-        self.best_bleu, self.evals_since_best = self.dist.on_main(self.validate_and_save)
+        self.at.best_bleu, self.at.evals_since_best = self.dist.on_main(self.validate_and_save)
 
     def validate_and_save(self) -> tuple[float, int]:
         valid_loss = validation_loss(self.model, self.data.valid, self.device, self.precision)
         bleu, hyps = self.valid_bleu()
-        minutes = (self.elapsed + time.time() - self.start) / 60
-        record = {"step": self.step, "epoch": self.epoch, "valid_loss": round(valid_loss, 4),
+        at = self.at
+        record = {"step": at.step, "epoch": at.epoch, "valid_loss": round(valid_loss, 4),
                   "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
-                  "valid_bleu": round(bleu, 2), "minutes": round(minutes, 2)}
-        self.write_metrics(record)
-        log.info("eval step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | e.g. %r", self.step,
+                  "valid_bleu": round(bleu, 2), "minutes": round(self.minutes(), 2)}
+        self.logbook.write(record)
+        log.info("eval step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | e.g. %r", at.step,
                  valid_loss, record["valid_ppl"], bleu, hyps[0][:80] if hyps else "")
-        self.evals_since_best += 1
-        if bleu > self.best_bleu:
-            self.best_bleu, self.evals_since_best = bleu, 0
+        at.evals_since_best += 1
+        if bleu > at.best_bleu:
+            at.best_bleu, at.evals_since_best = bleu, 0
             self.save("best.pt")
         self.save("last.pt")
         if not self.t.save_every:
             self.save_step_checkpoint()
-        return self.best_bleu, self.evals_since_best
+        return at.best_bleu, at.evals_since_best
 
     def save_step_checkpoint(self) -> None:
         """step-<step>.pt (weights only) for averaging; only the newest keep_checkpoints stay."""
         if self.t.keep_checkpoints and self.dist.main:
-            self.save(f"step-{self.step:06d}.pt", full=False)
+            self.save(f"step-{self.at.step:06d}.pt", full=False)
             for old in step_checkpoints(self.run_dir)[:-self.t.keep_checkpoints]:
                 os.unlink(old)
 
@@ -262,100 +240,64 @@ class Trainer:
         save_checkpoint(os.path.join(self.run_dir, "average.pt"), averaged)
         self.model.load_state_dict(averaged["model"])
         bleu, _ = self.valid_bleu()
-        self.write_metrics({"step": self.step, "average_of": len(paths),
+        self.logbook.write({"step": self.at.step, "average_of": len(paths),
                             "valid_bleu": round(bleu, 2)})
         log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", len(paths), bleu,
                  os.path.join(self.run_dir, "average.pt"))
 
     # --- the loop --------------------------------------------------------------------
+    def minutes(self) -> float:
+        """Minutes trained, before this process started included."""
+        return (self.at.elapsed + time.time() - self.start) / 60
+
     def time_is_up(self) -> bool:
-        t = self.t
-        return bool(t.max_minutes) and self.elapsed + time.time() - self.start >= 60 * t.max_minutes
+        return bool(self.t.max_minutes) and self.minutes() >= self.t.max_minutes
 
     def out_of_budget(self, time_is_up: bool | None = None) -> str | None:
         """Why the run should stop now, if it should; the same in every process."""
-        t = self.t
+        t, at = self.t, self.at
         if time_is_up is None:  # processes' clocks differ: stop when any one's time is up
             (time_is_up,) = self.dist.any(self.time_is_up())
-        if t.max_steps and self.step >= t.max_steps:
+        if t.max_steps and at.step >= t.max_steps:
             return f"train.max_steps={t.max_steps}"
         if time_is_up:
             return f"train.max_minutes={t.max_minutes}"
-        if t.patience and self.evals_since_best >= t.patience:
+        if t.patience and at.evals_since_best >= t.patience:
             return f"train.patience={t.patience} (no better validation BLEU)"
-        if self.epoch > t.max_epochs:
+        if at.epoch > t.max_epochs:
             return f"train.max_epochs={t.max_epochs}"
         return None
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.append(signum)  # acted on after the current step
 
-    def check_health(self) -> tuple[float, int, float]:
-        """Read the window's totals from the device; stop if too many batches were non-finite.
-
-        Read at each log line and before each evaluation: a run whose losses have gone
-        non-finite has had every update skipped since, so its weights are still the last
-        good ones, but it is stopped before it writes them as a newer checkpoint.
-        """
-        loss_sum, skipped, bad_in_row, gnorm_sum = self.totals.read()
-        if bad_in_row >= self.t.max_bad_steps:
-            raise RunError(f"{bad_in_row} non-finite losses in a row at step {self.step}; "
-                           f"stopped. The last good checkpoint is "
-                           f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
-        return loss_sum, skipped, gnorm_sum
-
-    def log_window(self) -> None:
-        """One log line and metrics record for the steps since the last one."""
-        loss_sum, skipped, gnorm_sum = self.check_health()
-        steps, tokens = self.step - self.window_step, self.window_tokens
-        seconds = time.time() - self.window_start
-        updated = max(steps - skipped, 1)
-        # gnorm: the mean gradient norm before clipping; a run about to stall shows it first.
-        record = {"step": self.step, "epoch": self.epoch,
-                  "loss": round(loss_sum / updated, 4), "gnorm": round(gnorm_sum / updated, 3),
-                  "lr": self.scheduler.get_last_lr()[0],
-                  "tokens_per_s": round(tokens / max(seconds, 1e-9)), "skipped": skipped}
-        self.write_metrics(record)
-        self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                  tok_s=record["tokens_per_s"])
-        log.info("step %d | epoch %d | loss %.3f | gnorm %.3f | lr %.2e | %d tokens/s%s",
-                 self.step, self.epoch, record["loss"], record["gnorm"], record["lr"],
-                 record["tokens_per_s"],
-                 f" | {skipped} skipped (non-finite)" if skipped else "")
-        self.new_window()
-
-    def new_window(self) -> None:
-        self.totals.reset()
-        self.window_step, self.window_tokens, self.window_start = self.step, 0, time.time()
-
     def train_on(self, update) -> None:
         """One update, and where the run stands after it."""
         train_step(self.model, update, self.optimizer, self.scheduler, self.t, self.totals,
                    self.precision, self.scaler, self.criterion)
         self.shapes.update(tuple(b.tgt_out.shape) for b in update.batches)
-        self.step += 1
-        self.batch_in_epoch += 1
-        self.window_tokens += update.n_tokens
-        self.progress.update(1)
+        self.at.step += 1
+        self.at.batch_in_epoch += 1
+        self.logbook.took(update.n_tokens)
 
     def after_step(self) -> str | None:
         """Save on a signal; log, save and evaluate when due; the reason to stop, if any."""
-        t = self.t
+        t, step = self.t, self.at.step
         # A signal reaches the processes at different moments: they stop together.
         signalled, time_is_up = self.dist.any(bool(self.signals), self.time_is_up())
         if signalled:
             self.gather_rngs()
             path = self.dist.on_main(lambda: self.save("last.pt"))
-            raise Interrupted(f"interrupted at step {self.step}: saved {path}; resume with "
+            raise Interrupted(f"interrupted at step {step}: saved {path}; resume with "
                               f"`make train RESUME={self.run_dir}`")
-        if self.step % t.log_every == 0:
-            self.log_window()
-        if t.save_every and self.step % t.save_every == 0:
+        if step % t.log_every == 0:
+            self.logbook.log_window(step, self.at.epoch, self.scheduler.get_last_lr()[0])
+        if t.save_every and step % t.save_every == 0:
             self.save_step_checkpoint()
-        if self.step % t.eval_every == 0:
+        if step % t.eval_every == 0:
             start = time.time()
             self.evaluate_and_save()
-            self.window_start += time.time() - start  # evaluation is not training time
+            self.logbook.pause(time.time() - start)  # evaluation is not training time
         return self.out_of_budget(time_is_up)
 
     def run(self) -> str:
@@ -368,24 +310,22 @@ class Trainer:
                  len(self.data.train.src), len(self.data.train) // split,
                  f" | {self.dist.world_size} processes x {t.accumulate} micro-batches of "
                  f"{self.data.train.batch_tokens} tokens an update" if split > 1 else "",
-                 f" | resumed at step {self.step}" if self.step else "")
+                 f" | resumed at step {self.at.step}" if self.at.step else "")
         # Ctrl-C, kill, and a closed terminal or dropped SSH session (SIGHUP) alike.
         handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        self.progress = tqdm(total=t.max_steps or None, initial=self.step, unit="step",
-                             dynamic_ncols=True, disable=None if self.dist.main else True)
-        self.new_window()
+        self.logbook.start(self.at.step, t.max_steps)
         try:
             try:
                 self.loop()
             finally:
-                self.progress.close()
+                self.logbook.close()
                 for s, h in handlers.items():
                     signal.signal(s, h)
             try:
                 self.finish(self.stop)
             except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (cli.py) in the final work
                 raise Interrupted(
-                    f"interrupted at step {self.step} after training, before the final "
+                    f"interrupted at step {self.at.step} after training, before the final "
                     f"evaluation and averaging ended: {os.path.join(self.run_dir, 'last.pt')} "
                     f"holds every step; `make train RESUME={self.run_dir}` finishes them") from None
         except (Interrupted, RunError) as e:
@@ -396,34 +336,34 @@ class Trainer:
             if self.dist.world_size > 1 and lost_peer(e):
                 raise RunError(
                     f"process {self.dist.rank}: another process of this run ended at step "
-                    f"{self.step}; the last checkpoint, "
+                    f"{self.at.step}; the last checkpoint, "
                     f"{os.path.join(self.run_dir, 'last.pt')}, is intact") from None
             raise
         return self.run_dir
 
     def loop(self) -> None:
         """Epochs of updates until a budget or a signal stops the run (in self.stop)."""
+        at = self.at
         self.stop = self.out_of_budget()
         while self.stop is None:
-            updates = self.data.train.updates(self.epoch, self.batch_in_epoch,
-                                              self.dist.world_size, self.dist.rank,
-                                              self.t.accumulate)
+            updates = self.data.train.updates(at.epoch, at.batch_in_epoch, self.dist.world_size,
+                                              self.dist.rank, self.t.accumulate)
             for update in prefetch(updates, self.device):
                 self.train_on(update)
                 self.stop = self.after_step()
                 if self.stop:
                     return
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0  # the epoch ran out
+            at.epoch, at.batch_in_epoch = at.epoch + 1, 0  # the epoch ran out
             self.stop = self.out_of_budget()
 
     def finish(self, stop: str) -> None:
         """The last evaluation and checkpoints, the average, and what the run reached."""
-        t = self.t
-        if self.last_eval != self.step:
+        t, at = self.t, self.at
+        if at.last_eval != at.step:
             self.gather_rngs()
             self.save("last.pt")  # every step trained is kept before the evaluation starts
             self.evaluate_and_save()
-        if t.save_every and self.step % t.save_every:
+        if t.save_every and at.step % t.save_every:
             self.save_step_checkpoint()  # the final weights are among those averaged
         if t.average_at_end and t.keep_checkpoints:
             self.dist.on_main(self.average)
@@ -431,8 +371,7 @@ class Trainer:
             log.info("compiled step: %d batch shapes (rows x length) in this process: %s",
                      len(self.shapes), ", ".join(f"{b}x{n}" for b, n in sorted(self.shapes)))
         log.info("stopped by %s at step %d, epoch %d, after %.1f minutes; best valid BLEU %.2f",
-                 stop, self.step, self.epoch, (self.elapsed + time.time() - self.start) / 60,
-                 self.best_bleu)
+                 stop, at.step, at.epoch, self.minutes(), at.best_bleu)
         log.info("checkpoints: %s and %s", os.path.join(self.run_dir, "best.pt"),
                  os.path.join(self.run_dir, "last.pt"))
 
