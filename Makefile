@@ -42,6 +42,7 @@ translate:  ## make translate SENTENCE="..." [CKPT=runs/x/best.pt]; without SENT
 	@$(BIN)/transformer-translate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
 		$(if $(value SENTENCE),-- "$$SENTENCE_TEXT")
 
+# CKPT="a.pt b.pt ..." (one run per seed, say) and SPLIT="test valid ...": each, then the spread.
 evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data.path=..."]
 	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
 		--split $(SPLIT) $(ARGS)

@@ -74,3 +74,29 @@ def test_evaluate_adds_the_moses_line_where_the_folder_has_tokenized_references(
     assert math.isfinite(value) and value > 0
     assert cli.evaluate_main(["--ckpt", ckpt, "--split", "test_2099", f"data.path={corpus}"]) == 2
     assert "no split 'test_2099'" in capsys.readouterr().err
+
+
+def test_evaluate_scores_several_checkpoints_on_several_splits_and_their_spread(
+        tmp_path, capsys):
+    run = train(load_config(TINY_CONFIG, [f"train.runs_dir={tmp_path}/runs", "train.name=s",
+                                          f"data.data_dir={tmp_path}/data", "train.max_steps=40",
+                                          "train.device=cpu", "train.save_every=20",
+                                          "train.keep_checkpoints=2"]))
+    ckpts = [os.path.join(run, f"step-0000{n}.pt") for n in (20, 40)]
+    missing = os.path.join(run, "step-000099.pt")
+    assert cli.evaluate_main(["--ckpt", *ckpts, missing, "--split", "test", "valid"]) == 2
+    assert "step-000099.pt: no such checkpoint" in capsys.readouterr().err  # before any work
+    assert cli.evaluate_main(["--ckpt", *ckpts, "--split", "test", "valid", "--beam", "1"]) == 0
+    out = capsys.readouterr().out
+    # Each checkpoint on each split, in that order, then a row per split over the two.
+    bleu = [float(line.split("=")[1].split()[0]) for line in out.splitlines()
+            if line.startswith("BLEU  ")]
+    assert len(bleu) == 4
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+            for line in out.splitlines() if line.startswith("| test") or line.startswith("| valid")}
+    for split, (a, b) in (("test", bleu[0::2]), ("valid", bleu[1::2])):
+        assert a != b  # 20 steps apart: two different models
+        mean, sd, low_high = rows[split].replace("±", " ").split()
+        assert float(mean) == pytest.approx((a + b) / 2, abs=0.006)
+        assert float(sd) == pytest.approx(abs(a - b) / math.sqrt(2), abs=0.006)
+        assert low_high == f"({min(a, b):.2f}-{max(a, b):.2f})"

@@ -24,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from .config import ConfigError, load_config, with_overrides
+from .config import SECTIONS, ConfigError, load_config, with_overrides
 from .data import DataError, columns, load_corpus, load_extra_split, tokenized_references
 from .decode import translate
 from .device import DeviceError, pick_device, resolve_precision
@@ -244,57 +244,94 @@ def translate_main(argv: list[str] | None = None) -> int:
 def _evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="transformer-evaluate",
                                 description="Translate a split and score it with sacreBLEU.")
-    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--split", default="test",
+    p.add_argument("--ckpt", nargs="+", metavar="CKPT",
+                   help="checkpoint(s) (default: the newest runs/*/best.pt); with several, "
+                        "also their mean, standard deviation and range (one run per seed)")
+    p.add_argument("--split", nargs="+", default=["test"], metavar="SPLIT",
                    help="test, valid, or another test set of a local corpus folder by its "
-                        "file stem (test_2017_flickr, test_2017_mscoco)")
+                        "file stem (test_2017_flickr, test_2017_mscoco); several: each")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     p.add_argument("overrides", nargs="*", metavar="data.key=value",
-                   help="where to find the corpus now, e.g. data.path=../shared/multi30k")
+                   help="where to find the corpus now (data.path=../shared/multi30k), or how "
+                        "to search (decode.length_penalty=0.8)")
     args = p.parse_args(argv)
+    from .evaluate import spread_table
+
+    # `--split test data.path=x`: --split takes every word after it, overrides included.
+    for name in ("ckpt", "split"):
+        words = getattr(args, name) or []
+        setattr(args, name, [w for w in words if not _is_override(w)] or None)
+        args.overrides += [w for w in words if _is_override(w)]
+    args.split = args.split or ["test"]
+    ckpts = args.ckpt or [latest_checkpoint(args.runs_dir)]
+    for ckpt in ckpts:  # a missing one fails now, not after an hour of translating
+        if not os.path.isfile(ckpt):
+            raise CheckpointError(f"{ckpt}: no such checkpoint")
+    scores: dict[str, list] = {split: [] for split in args.split}
+    for ckpt in ckpts:
+        for split, s in _evaluate_checkpoint(ckpt, args).items():
+            scores[split].append(s)
+    if len(ckpts) > 1:
+        print(f"\nover the {len(ckpts)} checkpoints: mean ± standard deviation "
+              "(lowest-highest)")
+        for line in spread_table(scores):
+            print(line)
+    return 0
+
+
+def _is_override(word: str) -> bool:
+    """'data.path=x' and the like; not a checkpoint path or a split name."""
+    return word.split(".", 1)[0] in SECTIONS and "=" in word and not os.path.exists(word)
+
+
+def _evaluate_checkpoint(ckpt: str, args) -> dict:
+    """Translate and score every split asked for with one checkpoint; print and keep each."""
     from .evaluate import score
 
-    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
     model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
-    cfg = with_overrides(cfg, args.overrides, ckpt, sections=("data",))
+    cfg = with_overrides(cfg, args.overrides, ckpt, sections=("data", "decode"))
     cfg = _with_beam(cfg, args.beam)
     corpus = load_corpus(cfg.data)
-    if args.split not in corpus:
-        if args.split in ("train", "valid", "test") or cfg.data.path is None:
-            raise DataError(f"corpus {cfg.data.corpus!r} has no {args.split} split")
-        corpus[args.split] = load_extra_split(cfg.data.path, args.split, cfg.data.src_lang,
-                                              cfg.data.tgt_lang)
+    for split in args.split:  # every split is found before any is translated
+        if split not in corpus:
+            if split in ("train", "valid", "test") or cfg.data.path is None:
+                raise DataError(f"corpus {cfg.data.corpus!r} has no {split} split")
+            corpus[split] = load_extra_split(cfg.data.path, split, cfg.data.src_lang,
+                                             cfg.data.tgt_lang)
     device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
-    src, refs = columns(corpus[args.split])
-    tokenized = tokenized_references(cfg.data.path, args.split, cfg.data.tgt_lang)
-    if tokenized is not None and len(tokenized[1]) != len(refs):
-        raise DataError(f"{tokenized[0]} has {len(tokenized[1])} lines but the {args.split} "
-                        f"split has {len(refs)}")
-    start = time.time()
-    hyps = translate(model, tokenizer, src, cfg.decode, device, precision=precision)
-    seconds = time.time() - start
     beam = cfg.decode.beam_size
     search = "greedy" if beam == 1 else f"beam {beam}, length penalty {cfg.decode.length_penalty}"
-    out = os.path.join(os.path.dirname(ckpt) or ".",
-                       f"{os.path.splitext(os.path.basename(ckpt))[0]}.{args.split}"
-                       f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
-    s = score(hyps, refs, tokenized, cfg.data.tgt_lang)
-    print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {args.split}: "
-          f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
-    for line in s.lines():
-        print(line)
-    sys.stdout.flush()  # the scores are out before anything can fail
+    scores = {}
+    for split in args.split:
+        src, refs = columns(corpus[split])
+        tokenized = tokenized_references(cfg.data.path, split, cfg.data.tgt_lang)
+        if tokenized is not None and len(tokenized[1]) != len(refs):
+            raise DataError(f"{tokenized[0]} has {len(tokenized[1])} lines but the {split} "
+                            f"split has {len(refs)}")
+        start = time.time()
+        hyps = translate(model, tokenizer, src, cfg.decode, device, precision=precision)
+        seconds = time.time() - start
+        out = os.path.join(os.path.dirname(ckpt) or ".",
+                           f"{os.path.splitext(os.path.basename(ckpt))[0]}.{split}"
+                           f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
+        scores[split] = s = score(hyps, refs, tokenized, cfg.data.tgt_lang)
+        print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {split}: "
+              f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
+        for line in s.lines():
+            print(line)
+        sys.stdout.flush()  # the scores are out before anything can fail
 
-    def write(path: str) -> str:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("".join(h + "\n" for h in hyps))
-        return path
+        def write(path: str, hyps=hyps) -> str:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("".join(h + "\n" for h in hyps))
+            return path
 
-    print(f"hypotheses: {_write_somewhere(write, 'the hypotheses', out, os.path.basename(out))}")
-    return 0
+        written = _write_somewhere(write, "the hypotheses", out, os.path.basename(out))
+        print(f"hypotheses: {written}")
+    return scores
 
 
 def _write_somewhere(write: Callable[[str], object], what: str, *places: str):

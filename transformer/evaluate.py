@@ -3,6 +3,7 @@ the BLEU the Multi30k literature reports, on Moses-tokenized text."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -74,3 +75,23 @@ def moses_bleu(hypotheses: list[str], tokenized_refs: list[str], lang: str) -> t
     metric = BLEU(tokenize="none", force=True)  # force: the text is tokenized on purpose
     result = metric.corpus_score(moses_tokenize(hypotheses, lang), [tokenized_refs])
     return result.score, f"lc+sacremoses-{lang}|{metric.get_signature()}"
+
+
+def spread(values: list[float]) -> str:
+    """'40.12 ± 0.31 (39.80-40.52)': the mean, the sample standard deviation and the range."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {sd:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def spread_table(scores: dict[str, list[Scores]]) -> list[str]:
+    """A Markdown table: a row per split, each scoring's spread over the checkpoints
+    (several runs of one recipe, say, one per seed)."""
+    columns = [("BLEU", "bleu"), ("BLEU lc", "bleu_lc"), ("chrF", "chrf")]
+    if all(s.bleu_tok is not None for runs in scores.values() for s in runs):
+        columns.insert(2, ("BLEU lc Moses", "bleu_tok"))
+    lines = ["| split | runs | " + " | ".join(title for title, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for split, runs in scores.items():
+        cells = [spread([getattr(s, key) for s in runs]) for _, key in columns]
+        lines.append(f"| {split} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
