@@ -156,6 +156,25 @@ def test_sweep_with_seeds_reports_mean_and_spread(tmp_path):
     assert f"{min(bleus):.2f}-{max(bleus):.2f}" in table[2]
 
 
+def test_a_sweep_of_seeds_alone_trains_the_base_config_once_per_seed(tmp_path):
+    from transformer.sweep import run_sweep
+
+    sweep = tmp_path / "seeds.yaml"  # no grid: the recipe itself, is it good for every seed?
+    sweep.write_text(f"""
+base: {TINY_CONFIG}
+seeds: [1, 2]
+overrides: [train.max_steps=6, train.eval_every=1000, train.device=cpu,
+            train.runs_dir={tmp_path}/runs, data.data_dir={tmp_path}/data]
+""")
+    run_sweep(str(sweep), ["train.max_steps=3"])  # make sweep ARGS=...: after the file's own
+    folder = tmp_path / "runs" / "sweep-seeds"
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [(r["seed"], r["steps"]) for r in rows] == [("1", "3"), ("2", "3")]
+    assert (folder / "base_seed-2" / "last.pt").exists()
+    assert (folder / "results.md").read_text().count("\n") == 2 + 1  # one point
+    assert (folder / "bleu-vs-parameters.png").stat().st_size > 0
+
+
 def test_bad_sweep_file_is_one_line(tmp_path):
     from transformer.config import ConfigError
     from transformer.sweep import load_sweep

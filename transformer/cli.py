@@ -467,8 +467,10 @@ def _sweep(argv: list[str]) -> int:
                                 description="Train every point of a grid over config keys and "
                                             "tabulate size, speed and BLEU.")
     p.add_argument("sweep", nargs="?", default="configs/sweep.yaml", help="sweep file")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="for every run, after the file's own (data.path=../shared/multi30k)")
     args = p.parse_args(argv)
-    for path in run_sweep(args.sweep):
+    for path in run_sweep(args.sweep, args.overrides):
         print(path)
     return 0
 

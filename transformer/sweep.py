@@ -61,8 +61,9 @@ def _point_name(point: dict, seed: int | None = None) -> str:
     return name if seed is None else f"{name}_seed-{seed}"
 
 
-def load_sweep(path: str) -> Sweep:
-    """Read and check a sweep file; every point's config is validated before any training."""
+def load_sweep(path: str, extra_overrides: list[str] = ()) -> Sweep:
+    """Read and check a sweep file; every point's config is validated before any training.
+    extra_overrides (`make sweep ARGS=...`) come after the file's own: data.path=..., say."""
     raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict) or "base" not in raw:
         raise ConfigError(f"{path}: expected a mapping with base, grid and/or points")
@@ -84,6 +85,7 @@ def load_sweep(path: str) -> Sweep:
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{path}: overrides: expected a list of section.key=value strings")
+    overrides = [*overrides, *extra_overrides]
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points += [dict(p) for p in extra]
     if not points:
@@ -214,8 +216,9 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
                       key=lambda r: r["parameters"])
         draw(line, marker="o", label=f"{line_key.split('.', 1)[1]} = {value}")
     for r in rows:
-        if r not in on_grid:
-            label = ", ".join(f"{k.split('.', 1)[1]} = {r[k]}" for k in sweep.keys if k in r)
+        if r not in on_grid or line_key not in r:  # the base config alone: a seeds-only sweep
+            label = ", ".join(f"{k.split('.', 1)[1]} = {r[k]}" for k in sweep.keys
+                              if k in r) or os.path.basename(sweep.base)
             draw([r], marker="*", markersize=12, linestyle="none", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
@@ -235,10 +238,10 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
     return path
 
 
-def run_sweep(path: str) -> list[str]:
+def run_sweep(path: str, overrides: list[str] = ()) -> list[str]:
     """Every run of the sweep file at path (each point, once per seed), then the table
     and the plot."""
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, overrides)
     os.makedirs(sweep.folder, exist_ok=True)
     total, groups = len(sweep.runs()), []
     for point in sweep.points:
