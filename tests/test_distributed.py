@@ -14,8 +14,9 @@ import torch
 
 from conftest import ROOT, TINY_CONFIG
 from transformer.batching import BatchIterator, Update, collate, prepare
-from transformer.checkpoint import build, load_checkpoint
+from transformer.checkpoint import load_checkpoint
 from transformer.config import load_config
+from transformer.model import build_model
 from transformer.step import Totals, inverse_sqrt_schedule, make_optimizer, train_step
 from transformer.train import Trainer
 
@@ -53,7 +54,7 @@ def _one_step(model, update, cfg):
 def test_two_micro_batches_make_the_update_of_their_batch(tmp_path):
     cfg = _cfg(tmp_path, "train.clip_norm=0")  # clipping would hide a gradient's scale
     data = prepare(cfg)
-    model = build(cfg, data.tokenizer)
+    model = build_model(cfg, data.tokenizer)
     src, tgt = data.train.src[:40], data.train.tgt[:40]
     whole = collate(src, tgt)
     halves = [collate(src[:20], tgt[:20]), collate(src[20:], tgt[20:])]
@@ -112,8 +113,8 @@ def test_two_processes_keep_one_model_and_make_the_updates_of_accumulation(tmp_p
     alone = Trainer(cfg, str(tmp_path / "runs" / "one"))
     alone.run()
     w = alone.model.state_dict()
-    assert any(not torch.equal(w[k], build(cfg, alone.data.tokenizer).state_dict()[k])
-               for k in w)
+    fresh = build_model(cfg, alone.data.tokenizer).state_dict()
+    assert any(not torch.equal(w[k], fresh[k]) for k in w)
     for k in w:
         torch.testing.assert_close(w0[k], w[k], rtol=0, atol=1e-5)
     two, one = _records(run), _records(alone.run_dir)

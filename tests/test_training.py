@@ -72,9 +72,9 @@ def _trained_tiny(tmp_path, steps=40):
     """A model trained briefly in-process on the toy corpus, and what built it."""
     cfg = load_config(TINY_CONFIG, [f"data.data_dir={tmp_path}/data"])
     data = prepare(cfg)
-    from transformer.checkpoint import build
+    from transformer.model import build_model
     torch.manual_seed(0)
-    model = build(cfg, data.tokenizer)
+    model = build_model(cfg, data.tokenizer)
     opt = make_optimizer(model, cfg.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     totals = Totals.zeros(torch.device("cpu"))

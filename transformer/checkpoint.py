@@ -14,8 +14,8 @@ import zipfile
 
 import torch
 
-from .config import Config, ConfigError, from_dict, shares_embeddings
-from .model import Transformer
+from .config import Config, ConfigError, from_dict
+from .model import Transformer, build_model
 from .tokenizer import Tokenizer
 
 FORMAT = 1
@@ -102,7 +102,7 @@ def model_from_checkpoint(path: str) -> tuple[Transformer, Tokenizer, Config, di
         if name in weights and weights[name].size(0) != vocab:
             raise CheckpointError(f"{path}: the tokenizer has {vocab} pieces but the weights "
                                   f"expect {weights[name].size(0)}; they do not belong together")
-    model = build(cfg, tokenizer)
+    model = build_model(cfg, tokenizer)
     try:
         model.load_state_dict(stack_projections(state["model"]))
     except (RuntimeError, KeyError) as e:
@@ -124,8 +124,3 @@ def stack_projections(weights: dict) -> dict:
                                                            *parts])
     return weights
 
-
-def build(cfg: Config, tokenizer: Tokenizer) -> Transformer:
-    """The model for a config and its tokenizer."""
-    return Transformer(cfg.model, tokenizer.src_vocab, tokenizer.tgt_vocab,
-                       share_embeddings=shares_embeddings(cfg))

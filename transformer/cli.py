@@ -167,21 +167,44 @@ def train_main(argv: list[str] | None = None) -> int:
     return _run(_train, argv)
 
 
+# --- the commands that decode with a checkpoint ------------------------------------------
+
+def _decoding_flags(device: bool = True, several: bool = False) -> argparse.ArgumentParser:
+    """The flags that translate, evaluate, attention and probe share."""
+    p = argparse.ArgumentParser(add_help=False)
+    if several:
+        p.add_argument("--ckpt", nargs="+", metavar="CKPT",
+                       help="checkpoint(s) (default: the newest runs/*/best.pt); with several, "
+                            "also their mean, standard deviation and range (one run per seed)")
+    else:
+        p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
+    p.add_argument("--runs-dir", default="runs", help="where to look for the newest best.pt")
+    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
+    if device:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _for_decoding(ckpt: str, args, overrides: list[str] | None = None):
+    """model, tokenizer, config and state of a checkpoint; the config with --beam and, for
+    a command that reads the corpus, data.* and decode.* overrides (its paths checked)."""
+    model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
+    if overrides is not None:
+        cfg = with_overrides(cfg, overrides, ckpt, sections=("data", "decode"))
+    if args.beam is not None:
+        cfg = with_overrides(cfg, [f"decode.beam_size={args.beam}"], "--beam", check_paths=False)
+    return model, tokenizer, cfg, state
+
+
 # --- translate -------------------------------------------------------------------------
 
 def _translate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="transformer-translate",
+        prog="transformer-translate", parents=[_decoding_flags()],
         description="Translate sentences given as arguments, or standard input line by line.")
     p.add_argument("sentences", nargs="*", help="sentences to translate (default: stdin)")
-    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     args = p.parse_args(argv)
-    ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
-    model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
-    cfg = _with_beam(cfg, args.beam)
+    model, tokenizer, cfg, _ = _for_decoding(args.ckpt or latest_checkpoint(args.runs_dir), args)
     device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     if args.sentences:
@@ -228,13 +251,6 @@ def _print_translations(model, tokenizer, lines, cfg, device, precision) -> None
     sys.stdout.flush()
 
 
-def _with_beam(cfg, beam: int | None):
-    """The config with decode.beam_size set from --beam, checked like any config value."""
-    if beam is None:
-        return cfg
-    return with_overrides(cfg, [f"decode.beam_size={beam}"], "--beam", check_paths=False)
-
-
 def translate_main(argv: list[str] | None = None) -> int:
     return _run(_translate, argv)
 
@@ -243,16 +259,11 @@ def translate_main(argv: list[str] | None = None) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="transformer-evaluate",
+                                parents=[_decoding_flags(several=True)],
                                 description="Translate a split and score it with sacreBLEU.")
-    p.add_argument("--ckpt", nargs="+", metavar="CKPT",
-                   help="checkpoint(s) (default: the newest runs/*/best.pt); with several, "
-                        "also their mean, standard deviation and range (one run per seed)")
     p.add_argument("--split", nargs="+", default=["test"], metavar="SPLIT",
                    help="test, valid, or another test set of a local corpus folder by its "
                         "file stem (test_2017_flickr, test_2017_mscoco); several: each")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     p.add_argument("overrides", nargs="*", metavar="data.key=value",
                    help="where to find the corpus now (data.path=../shared/multi30k), or how "
                         "to search (decode.length_penalty=0.8)")
@@ -290,9 +301,7 @@ def _evaluate_checkpoint(ckpt: str, args) -> dict:
     """Translate and score every split asked for with one checkpoint; print and keep each."""
     from .evaluate import score
 
-    model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
-    cfg = with_overrides(cfg, args.overrides, ckpt, sections=("data", "decode"))
-    cfg = _with_beam(cfg, args.beam)
+    model, tokenizer, cfg, state = _for_decoding(ckpt, args, args.overrides)
     corpus = load_corpus(cfg.data)
     for split in args.split:  # every split is found before any is translated
         if split not in corpus:
@@ -380,19 +389,15 @@ def _attention(argv: list[str]) -> int:
     from .visualize import draw_attention, translate_with_attention
 
     p = argparse.ArgumentParser(
-        prog="transformer-attention",
+        prog="transformer-attention", parents=[_decoding_flags(device=False)],
         description="Translate a sentence and draw the heatmaps of all three attentions.")
     p.add_argument("sentence", help="the sentence to translate")
-    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     p.add_argument("--out", help="folder for the PNGs (default: <run>/attention/<sentence>)")
     args = p.parse_args(argv)
     if not args.sentence.strip():
         raise DataError("the sentence is empty; give one with SENTENCE=\"...\"")
     ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
-    model, tokenizer, cfg, _ = model_from_checkpoint(ckpt)
-    cfg = _with_beam(cfg, args.beam)
+    model, tokenizer, cfg, _ = _for_decoding(ckpt, args)
     dec = cfg.decode
     maps = translate_with_attention(model, tokenizer, args.sentence, dec.beam_size,
                                     dec.max_len_a, dec.max_len_b)
@@ -417,18 +422,14 @@ def _probe(argv: list[str]) -> int:
     from .probe import load_items, probe, report
 
     p = argparse.ArgumentParser(
-        prog="transformer-probe",
+        prog="transformer-probe", parents=[_decoding_flags(device=False)],
         description="Where the encoder self-attention of a pronoun goes: onto the noun it "
                     "refers to, or the other one?")
-    p.add_argument("--ckpt", help="checkpoint (default: the newest runs/*/best.pt)")
-    p.add_argument("--runs-dir", default="runs")
     p.add_argument("--file", default="configs/probe.yaml", help="the probe sentences")
-    p.add_argument("--beam", type=int, help="beam size (default: the config's; 1 is greedy)")
     args = p.parse_args(argv)
     items = load_items(args.file)
     ckpt = args.ckpt or latest_checkpoint(args.runs_dir)
-    model, tokenizer, cfg, state = model_from_checkpoint(ckpt)
-    cfg = _with_beam(cfg, args.beam)
+    model, tokenizer, cfg, state = _for_decoding(ckpt, args)
     print(f"{ckpt} (step {state['step']}): encoder self-attention from the pronoun onto each "
           f"candidate, weights summed over the candidate's pieces")
     for line in report(probe(model, tokenizer, items, cfg.decode.beam_size)):

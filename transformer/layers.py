@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .attention import MultiHeadAttention
+from .config import ModelConfig
 from .dropout import Dropout
 
 
@@ -96,13 +97,13 @@ class Residual(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention over the source, then the feed-forward network."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm,
-                 score="scaled_dot"):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, score=score)
-        self.ff = FeedForward(d_model, d_ff, ff_dropout)
-        self.res_attn = Residual(d_model, dropout, pre_norm)
-        self.res_ff = Residual(d_model, dropout, pre_norm)
+        D, pre_norm = cfg.d_model, cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(D, cfg.n_heads, cfg.attn_dropout, score=cfg.attention)
+        self.ff = FeedForward(D, cfg.d_ff, cfg.ff_dropout)
+        self.res_attn = Residual(D, cfg.dropout, pre_norm)
+        self.res_ff = Residual(D, cfg.dropout, pre_norm)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), src_mask (B, 1, 1, S) -> (B, S, D)."""
@@ -113,16 +114,16 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Masked self-attention, encoder-decoder attention over the memory, feed-forward."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, ff_dropout, pre_norm,
-                 score="scaled_dot"):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, score=score)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, cross=True,
-                                             score=score)
-        self.ff = FeedForward(d_model, d_ff, ff_dropout)
-        self.res_self = Residual(d_model, dropout, pre_norm)
-        self.res_cross = Residual(d_model, dropout, pre_norm)
-        self.res_ff = Residual(d_model, dropout, pre_norm)
+        D, pre_norm = cfg.d_model, cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(D, cfg.n_heads, cfg.attn_dropout, score=cfg.attention)
+        self.cross_attn = MultiHeadAttention(D, cfg.n_heads, cfg.attn_dropout, cross=True,
+                                             score=cfg.attention)
+        self.ff = FeedForward(D, cfg.d_ff, cfg.ff_dropout)
+        self.res_self = Residual(D, cfg.dropout, pre_norm)
+        self.res_cross = Residual(D, cfg.dropout, pre_norm)
+        self.res_ff = Residual(D, cfg.dropout, pre_norm)
 
     def forward(
         self,

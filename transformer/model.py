@@ -16,9 +16,15 @@ import torch
 from torch import nn
 
 from .attention import MultiHeadAttention
-from .config import ModelConfig
+from .config import Config, ModelConfig, shares_embeddings
 from .layers import DecoderLayer, Embeddings, EncoderLayer, LearnedPositions, PositionalEncoding
 from .masks import padding_mask
+
+
+def build_model(cfg: Config, tokenizer) -> Transformer:
+    """The model a config describes, sized to its tokenizer's vocabularies."""
+    return Transformer(cfg.model, tokenizer.src_vocab, tokenizer.tgt_vocab,
+                       share_embeddings=shares_embeddings(cfg))
 
 
 class Transformer(nn.Module):
@@ -58,12 +64,10 @@ class Transformer(nn.Module):
         self.tgt_embed = Embeddings(tgt_emb, positions, cfg.dropout)
 
         # 3.1 Encoder and decoder stacks of N identical layers.
-        pre_norm = cfg.norm == "pre"
-        args = (D, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.attn_dropout, cfg.ff_dropout, pre_norm,
-                cfg.attention)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.n_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.n_layers))
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         # Pre-LN leaves the residual stream un-normalised: normalise once at the top.
+        pre_norm = cfg.norm == "pre"
         self.encoder_norm = nn.LayerNorm(D) if pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(D) if pre_norm else nn.Identity()
 

@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from .batching import prefetch, prepare
 from .checkpoint import (
     average_checkpoints,
-    build,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
@@ -34,6 +33,7 @@ from .device import pick_device, resolve_precision, rng_state, set_deterministic
 from .distributed import Distributed, Stopped, lost_peer
 from .evaluate import score
 from .logbook import Logbook
+from .model import build_model
 from .runs import Interrupted, Position, RunError, make_run_dir, resumed_config, run_lock
 from .step import (
     Criterion,
@@ -76,7 +76,7 @@ class Trainer:
         # A resumed run keeps the tokenizer its weights were trained with.
         self.data = self.prepare(None if resume is None else
                                  Tokenizer.from_dict(resume["tokenizer"]))
-        self.model = build(cfg, self.data.tokenizer).to(self.device)
+        self.model = build_model(cfg, self.data.tokenizer).to(self.device)
         if self.dist.rank:  # all start from process 0's weights (DDP copies them)...
             torch.manual_seed(self.t.seed + self.dist.rank)  # ...and draw their own dropout
         self.optimizer = make_optimizer(self.model, self.t)
