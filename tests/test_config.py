@@ -8,7 +8,16 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY_CONFIG
-from transformer.config import ConfigError, from_dict, load_config, save_config, to_dict
+from transformer.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 
 def _write(tmp_path, text: str) -> str:
@@ -96,6 +105,16 @@ def test_learning_rate_in_a_file_as_3e_3(tmp_path):
 def test_infinity_on_the_command_line_is_refused():
     with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
         load_config(TINY_CONFIG, ["train.lr=.inf"])
+
+
+def test_a_config_built_in_code_is_checked_as_a_file_is():
+    with pytest.raises(ConfigError, match=r"^model.d_model: expected a multiple of model.n_heads"):
+        ModelConfig(d_model=10, n_heads=3)
+    with pytest.raises(ConfigError, match=r"^model.norm: expected one of post, pre, got 'mid'"):
+        ModelConfig(norm="mid")
+    with pytest.raises(ConfigError, match=r"^model.share_embeddings: true needs data.joint"):
+        Config(model=ModelConfig(share_embeddings=True), data=DataConfig(joint_vocab=False))
+    assert ModelConfig(d_model=12, n_heads=3).d_model == 12  # a good one is made
 
 
 def test_missing_config_file():

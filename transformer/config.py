@@ -3,7 +3,8 @@
 A config file has four sections (model, data, train, decode), each read into
 its own frozen dataclass. Every mistake a user can make in a config file, an
 unknown key, a wrong type, an impossible value, raises one `ConfigError` whose
-message names the file, the key and what was expected.
+message names the file, the key and what was expected. Each dataclass checks its own
+values as it is made (`__post_init__`), so a config built in code is checked too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+def _need(ok: bool, key: str, expected: str, got: Any) -> None:
+    """The check every section runs on its own values, as it is made (__post_init__)."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _check_choices(section: str, obj) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise ConfigError(f"{section}.{f.name}: expected one of {', '.join(choices)}, "
+                              f"got {getattr(obj, f.name)!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes and switches of the encoder-decoder Transformer (paper, section 3)."""
@@ -47,6 +62,18 @@ class ModelConfig:
     # when the vocabulary is joint (section 3.4), else tie only target and output.
     share_embeddings: bool | None = None
     max_positions: int = 512
+
+    def __post_init__(self):
+        _check_choices("model", self)
+        for key in ("d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
+            _need(getattr(self, key) > 0, f"model.{key}", "a positive integer",
+                  getattr(self, key))
+        _need(self.d_model % self.n_heads == 0, "model.d_model",
+              f"a multiple of model.n_heads ({self.n_heads}) so that d_k = d_model / n_heads",
+              self.d_model)
+        for key in ("dropout", "attn_dropout", "ff_dropout"):
+            _need(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "a value in [0, 1)",
+                  getattr(self, key))
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,19 @@ class DataConfig:
     joint_vocab: bool = True
     tokenizer: str = field(default="unigram", metadata=_choices("unigram", "bpe"))
     data_dir: str = "data"  # where downloads and tokenizer models are cached
+
+    def __post_init__(self):
+        _check_choices("data", self)
+        _need(self.vocab_size >= 16, "data.vocab_size", "at least 16", self.vocab_size)
+        _need(self.max_tokens >= 0, "data.max_tokens", "0 (no filter) or a positive integer",
+              self.max_tokens)
+        _need(self.valid_size > 0 and self.test_size > 0, "data.valid_size/test_size",
+              "positive sizes", (self.valid_size, self.test_size))
+        _need(self.src_lang != self.tgt_lang or self.corpus == "files", "data.tgt_lang",
+              "a language other than data.src_lang", self.tgt_lang)
+        if self.corpus == "files":
+            _need(self.path is not None, "data.path", "the folder of your parallel files",
+                  self.path)
 
 
 @dataclass(frozen=True)
@@ -115,6 +155,23 @@ class TrainConfig:
     runs_dir: str = "runs"
     resume: str | None = None  # a run folder to continue from its last.pt
 
+    def __post_init__(self):
+        _check_choices("train", self)
+        _need(self.batch_tokens > 0, "train.batch_tokens", "a positive integer",
+              self.batch_tokens)
+        _need(self.lr > 0, "train.lr", "a positive number", self.lr)
+        _need(self.warmup_steps >= 0, "train.warmup_steps", "0 or more", self.warmup_steps)
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+              "two numbers in [0, 1)", self.betas)
+        _need(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)",
+              self.label_smoothing)
+        for key in ("accumulate", "max_epochs", "eval_every", "log_every", "max_bad_steps"):
+            _need(getattr(self, key) > 0, f"train.{key}", "a positive integer",
+                  getattr(self, key))
+        for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
+                    "keep_checkpoints", "save_every", "patience"):
+            _need(getattr(self, key) >= 0, f"train.{key}", "0 or more", getattr(self, key))
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -126,6 +183,15 @@ class DecodeConfig:
     beam_size: int = 1  # 1: greedy search
     length_penalty: float = 1.0  # beam search ranks log-probability / length**length_penalty
 
+    def __post_init__(self):
+        _need(self.max_len_a >= 0 and self.max_len_b > 0, "decode.max_len_a/max_len_b",
+              "a >= 0 and b > 0", (self.max_len_a, self.max_len_b))
+        _need(self.batch_size > 0, "decode.batch_size", "a positive integer", self.batch_size)
+        _need(self.beam_size > 0, "decode.beam_size", "a positive integer (1: greedy)",
+              self.beam_size)
+        _need(self.length_penalty >= 0, "decode.length_penalty", "0 or more",
+              self.length_penalty)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -136,6 +202,11 @@ class Config:
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     name: str = "config"  # the config file's stem, used to name runs
+
+    def __post_init__(self):  # what no one section can check alone
+        if self.model.share_embeddings is True and not self.data.joint_vocab:
+            raise ConfigError("model.share_embeddings: true needs data.joint_vocab: true "
+                              "(one vocabulary for source and target)")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "decode": DecodeConfig}
@@ -200,59 +271,19 @@ def _build_section(cls: type, values: dict, source: str, section: str):
         where = f"{source}: {section}.{key}"
         if key not in fields:
             raise ConfigError(f"{where}: unknown key; expected one of {', '.join(fields)}")
-        value = _coerce(value, hints[key], where)
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)  # its __post_init__ checks the values
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
-def _validate(cfg: Config, source: str, check_paths: bool) -> None:
-    """Values that have the right type but cannot work together."""
-    m, d, t, dec = cfg.model, cfg.data, cfg.train, cfg.decode
-
-    def need(ok: bool, key: str, expected: str, got: Any) -> None:
-        if not ok:
-            raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
-
-    for key in ("d_model", "n_heads", "n_layers", "d_ff", "max_positions"):
-        need(getattr(m, key) > 0, f"model.{key}", "a positive integer", getattr(m, key))
-    need(m.d_model % m.n_heads == 0, "model.d_model",
-         f"a multiple of model.n_heads ({m.n_heads}) so that d_k = d_model / n_heads", m.d_model)
-    for key in ("dropout", "attn_dropout", "ff_dropout"):
-        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", "a value in [0, 1)", getattr(m, key))
-    need(d.vocab_size >= 16, "data.vocab_size", "at least 16", d.vocab_size)
-    need(d.max_tokens >= 0, "data.max_tokens", "0 (no filter) or a positive integer", d.max_tokens)
-    need(d.valid_size > 0 and d.test_size > 0, "data.valid_size/test_size", "positive sizes",
-         (d.valid_size, d.test_size))
-    need(d.src_lang != d.tgt_lang or d.corpus == "files", "data.tgt_lang",
-         "a language other than data.src_lang", d.tgt_lang)
-    if m.share_embeddings is True and not d.joint_vocab:
-        raise ConfigError(f"{source}: model.share_embeddings: true needs data.joint_vocab: true "
-                          "(one vocabulary for source and target)")
-    if d.corpus == "files":
-        need(d.path is not None, "data.path", "the folder of your parallel files", d.path)
-    if check_paths and d.path is not None and not os.path.isdir(d.path):
+def _check_path(cfg: Config, source: str) -> None:
+    """The one check that reads the disk: the corpus folder exists."""
+    path = cfg.data.path
+    if path is not None and not os.path.isdir(path):
         raise ConfigError(f"{source}: data.path: expected a folder holding the corpus, "
-                          f"but {d.path!r} does not exist")
-    need(t.batch_tokens > 0, "train.batch_tokens", "a positive integer", t.batch_tokens)
-    need(t.lr > 0, "train.lr", "a positive number", t.lr)
-    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more", t.warmup_steps)
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
-         "two numbers in [0, 1)", t.betas)
-    need(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "a value in [0, 1)",
-         t.label_smoothing)
-    for key in ("accumulate", "max_epochs", "eval_every", "log_every", "max_bad_steps"):
-        need(getattr(t, key) > 0, f"train.{key}", "a positive integer", getattr(t, key))
-    for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
-                "keep_checkpoints", "save_every", "patience"):
-        need(getattr(t, key) >= 0, f"train.{key}", "0 or more", getattr(t, key))
-    need(dec.max_len_a >= 0 and dec.max_len_b > 0, "decode.max_len_a/max_len_b",
-         "a >= 0 and b > 0", (dec.max_len_a, dec.max_len_b))
-    need(dec.batch_size > 0, "decode.batch_size", "a positive integer", dec.batch_size)
-    need(dec.beam_size > 0, "decode.beam_size", "a positive integer (1: greedy)", dec.beam_size)
-    need(dec.length_penalty >= 0, "decode.length_penalty", "0 or more", dec.length_penalty)
+                          f"but {path!r} does not exist")
 
 
 def shares_embeddings(cfg: Config) -> bool:
@@ -295,8 +326,12 @@ def from_dict(raw: dict, source: str = "<config>", name: str = "config",
             raise ConfigError(f"{source}: {section}: unknown section; "
                               f"expected one of {', '.join(SECTIONS)}")
         sections[section] = _build_section(SECTIONS[section], values or {}, source, section)
-    cfg = Config(name=name, **sections)
-    _validate(cfg, source, check_paths)
+    try:
+        cfg = Config(name=name, **sections)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if check_paths:
+        _check_path(cfg, source)
     return cfg
 
 
