@@ -121,3 +121,21 @@ def test_weights_saved_with_separate_projections_still_load(model):
     assert stack_projections(old).keys() == model.state_dict().keys()
     for key, value in stack_projections(old).items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_every_projection_is_xavier_uniform_each_stacked_one_as_its_parts():
+    model = tiny_model(d_model=32, d_ff=128)
+    bound = (6 / (32 + 32)) ** 0.5  # a 32 x 32 matrix: W^Q, W^K, W^V, W^O
+    seen = 0
+    for mha in model.attention_modules():
+        for linear in ((mha.w_q, mha.w_kv) if mha.cross else (mha.w_qkv,)) + (mha.w_o,):
+            for part in linear.weight.split(32):
+                # Within the bound of its own shape, and filling it: a stacked (96 x 32)
+                # matrix initialised as one would stay within sqrt(6 / 128), half of it.
+                assert part.abs().max() <= bound and part.abs().max() > 0.9 * bound
+                seen += 1
+    assert seen == 2 * (3 + 1) + 2 * (3 + 1 + 1 + 2 + 1)  # 2 encoder, 2 decoder layers
+    ff_bound = (6 / (32 + 128)) ** 0.5
+    for layer in [*model.encoder_layers, *model.decoder_layers]:
+        for linear in (layer.ff.net[0], layer.ff.net[3]):
+            assert ff_bound * 0.9 < linear.weight.abs().max() <= ff_bound

@@ -172,6 +172,15 @@ class MultiHeadAttention(nn.Module):
         self.use_reference = False
         self.last_weights: torch.Tensor | None = None
 
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections; a stacked one ([W^Q W^K W^V]) as its d_model x
+        d_model parts, each initialised as the matrix it stands for. Biases keep
+        PyTorch's default; the additive score's v keeps its own."""
+        D = self.n_heads * self.d_k
+        for linear in ((self.w_q, self.w_kv) if self.cross else (self.w_qkv,)) + (self.w_o,):
+            for part in linear.weight.split(D):
+                nn.init.xavier_uniform_(part)
+
     def _heads(self, x: torch.Tensor, n: int) -> list[torch.Tensor]:
         """(B, L, n * D) -> n tensors (B, H, L, Dh): split the stacked projections and heads."""
         B, L, _ = x.shape

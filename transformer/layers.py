@@ -70,6 +70,11 @@ class FeedForward(nn.Module):
             nn.Linear(d_model, d_ff), nn.ReLU(), Dropout(dropout), nn.Linear(d_ff, d_model)
         )
 
+    def reset_parameters(self) -> None:
+        """Xavier-uniform W1 and W2; biases keep PyTorch's default."""
+        for linear in (self.net[0], self.net[3]):
+            nn.init.xavier_uniform_(linear.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from .attention import MultiHeadAttention
 from .config import Config, ModelConfig, shares_embeddings
-from .layers import DecoderLayer, Embeddings, EncoderLayer, LearnedPositions, PositionalEncoding
+from .layers import (
+    DecoderLayer,
+    Embeddings,
+    EncoderLayer,
+    FeedForward,
+    LearnedPositions,
+    PositionalEncoding,
+)
 from .masks import padding_mask
 
 
@@ -75,14 +82,12 @@ class Transformer(nn.Module):
         self.generator = nn.Linear(D, tgt_vocab, bias=False)
         self.generator.weight = tgt_emb.weight
 
-        for name, p in self.named_parameters():
-            # Matrices only (an additive score's v vectors keep their own init).
-            if name.endswith(".weight") and p.dim() > 1 and "embed" not in name \
-                    and "generator" not in name:
-                # Stacked projections ([W^Q W^K W^V]) are initialised as their parts.
-                stacked = name.endswith(("w_qkv.weight", "w_kv.weight"))
-                for part in p.split(D) if stacked else [p]:
-                    nn.init.xavier_uniform_(part)
+        # Every projection matrix Xavier-uniform, each module knowing its own layout
+        # (stacked projections, the feed-forward's two matrices), in the order the
+        # modules were made, once all of them are.
+        for module in self.modules():
+            if isinstance(module, (MultiHeadAttention, FeedForward)):
+                module.reset_parameters()
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) ids -> memory (B, S, D) and the source mask (B, 1, 1, S)."""
