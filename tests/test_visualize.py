@@ -113,7 +113,7 @@ def test_sweep_trains_every_point_tabulates_and_resumes(tmp_path):
     paths = run_sweep(str(sweep))
     folder = tmp_path / "runs" / "sweep-t"
     assert [os.path.basename(p) for p in paths] == ["results.md", "results.csv",
-                                                     "bleu-vs-parameters.png"]
+                                                     "scores-vs-parameters.png"]
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert [(r["model.n_heads"], r["model.attention"]) for r in rows] == [
         ("1", ""), ("2", ""), ("", "additive")]
@@ -172,7 +172,7 @@ overrides: [train.max_steps=6, train.eval_every=1000, train.device=cpu,
     assert [(r["seed"], r["steps"]) for r in rows] == [("1", "3"), ("2", "3")]
     assert (folder / "base_seed-2" / "last.pt").exists()
     assert (folder / "results.md").read_text().count("\n") == 2 + 1  # one point
-    assert (folder / "bleu-vs-parameters.png").stat().st_size > 0
+    assert (folder / "scores-vs-parameters.png").stat().st_size > 0
 
 
 def test_bad_sweep_file_is_one_line(tmp_path):

@@ -14,9 +14,10 @@ A sweep file (see configs/sweep.yaml):
 
 Each point is an ordinary run (one per seed). A finished point writes result.json and is skipped
 when the sweep runs again; an interrupted one is resumed from its last.pt. At the
-end the sweep writes results.md, results.csv and bleu-vs-parameters.png; with seeds,
-results.md gives each point's mean and spread over them, and the plot every seed's BLEU
-around the mean, so that a difference can be told from the noise of one seed.
+end the sweep writes results.md, results.csv and scores-vs-parameters.png; with seeds,
+results.md gives each point's mean and spread over them, and the plot each point's
+validation loss and BLEU as the mean with a bar from the lowest seed to the highest, so
+that a difference can be told from the noise of one seed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .visualize import pyplot, read_metrics
 
 log = logging.getLogger(__name__)
 
+PLOT = "scores-vs-parameters.png"  # validation loss and BLEU of every point
 COLUMNS = ["parameters", "tokens_per_s", "valid_loss", "valid_bleu", "minutes", "steps"]
 
 
@@ -164,7 +166,7 @@ def mean_row(runs: list[dict]) -> dict:
 
 def write_results(sweep: Sweep, groups: list[list[dict]]) -> list[str]:
     """results.csv (every run), results.md (a row per point: with seeds, the mean and
-    spread over them) and bleu-vs-parameters.png in the sweep's folder."""
+    spread over them) and scores-vs-parameters.png in the sweep's folder."""
     header = [*sweep.keys, *(["seed"] if sweep.seeds else []), *COLUMNS]
     csv_path = os.path.join(sweep.folder, "results.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -194,45 +196,56 @@ def write_results(sweep: Sweep, groups: list[list[dict]]) -> list[str]:
 
 
 def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") -> str:
-    """Validation BLEU against parameters: one line per value of line_key on the grid;
-    points that differ in other ways (say, the additive score) as separate markers.
-    With seeds, each point is their mean, its bar from the lowest seed to the highest."""
+    """Validation loss and BLEU against parameters, side by side: one line per value of
+    line_key on the grid; points that differ in other ways (say, the additive score) as
+    separate markers. With seeds, each point is their mean, its bar from the lowest seed
+    to the highest. Heads split d_model, so the lines share their x: each line is moved a
+    little sideways to keep every bar in sight."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     others = [k for k in sweep.keys if k not in (line_key, "model.d_model")]
     on_grid = [r for r in rows if not any(k in r for k in others)]
+    values = sorted({r.get(line_key) for r in on_grid if line_key in r})
 
-    def draw(line: list[dict], **style) -> None:
-        x, y = [r["parameters"] for r in line], [r["valid_bleu"] for r in line]
-        if sweep.seeds:
-            spread = [[r["valid_bleu"] - r["valid_bleu_min"] for r in line],
-                      [r["valid_bleu_max"] - r["valid_bleu"] for r in line]]
-            ax.errorbar(x, y, yerr=spread, capsize=3, **style)
-        else:
-            ax.plot(x, y, **style)
+    def draw(line: list[dict], shift: float = 1.0, **style) -> None:
+        x = [r["parameters"] * shift for r in line]
+        for ax, key in zip(axes, ("valid_loss", "valid_bleu")):
+            y = [r[key] for r in line]
+            if sweep.seeds:
+                spread = [[r[key] - r[f"{key}_min"] for r in line],
+                          [r[f"{key}_max"] - r[key] for r in line]]
+                ax.errorbar(x, y, yerr=spread, capsize=3, **style)
+            else:
+                ax.plot(x, y, **style)
 
-    for value in sorted({r.get(line_key) for r in on_grid if line_key in r}):
+    for i, value in enumerate(values):
         line = sorted((r for r in on_grid if r.get(line_key) == value),
                       key=lambda r: r["parameters"])
-        draw(line, marker="o", label=f"{line_key.split('.', 1)[1]} = {value}")
+        draw(line, shift=1.05 ** (i - (len(values) - 1) / 2), marker="o",
+             label=f"{line_key.split('.', 1)[1]} = {value}")
     for r in rows:
         if r not in on_grid or line_key not in r:  # the base config alone: a seeds-only sweep
             label = ", ".join(f"{k.split('.', 1)[1]} = {r[k]}" for k in sweep.keys
                               if k in r) or os.path.basename(sweep.base)
             draw([r], marker="*", markersize=12, linestyle="none", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("validation BLEU (greedy)" + (", mean and range over seeds"
-                                                 if sweep.seeds else ""))
+    spread = ", mean and range over seeds" if sweep.seeds else ""
+    sizes = {r["parameters"]: r.get("model.d_model") for r in on_grid}  # ticks: each size
+    for ax, what in zip(axes, ("validation loss", "validation BLEU (greedy)")):
+        ax.set_xscale("log")
+        ax.set_xticks(list(sizes), [f"{n / 1e6:.2f} M" + ("" if d is None else f"\nd_model {d}")
+                                    for n, d in sizes.items()])
+        ax.minorticks_off()
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(what + spread, fontsize=9)
+        ax.grid(alpha=0.3)
     budget = [o for o in sweep.overrides if o.split("=")[0] in ("train.max_minutes",
                                                                  "train.max_steps")]
     seeds = f", seeds {', '.join(map(str, sweep.seeds))}" if sweep.seeds else ""
-    ax.set_title(f"sweep {sweep.name} ({', '.join(budget) or 'the base budget'}{seeds})",
+    fig.suptitle(f"sweep {sweep.name} ({', '.join(budget) or 'the base budget'}{seeds})",
                  fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path = os.path.join(sweep.folder, "bleu-vs-parameters.png")
+    path = os.path.join(sweep.folder, PLOT)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
