@@ -26,9 +26,15 @@ say() { echo "$*" | tee -a "$summary"; }
 cores=$(nproc)
 half=$((cores > 1 ? cores / 2 : 1))
 
-recipe() {  # recipe NAME PRECISION [taskset cores]: train, then say what it took
+pin() {  # pin CORES COMMAND...: COMMAND on those CPU cores (where there are two or more)
+  local which=$1
+  shift
+  if ((cores > 1)) && command -v taskset > /dev/null; then taskset -c "$which" "$@"; else "$@"; fi
+}
+
+recipe() {  # recipe NAME PRECISION [CORES]: train, then say what it took
   local name=$1 precision=$2 start=$SECONDS
-  ${3:+taskset -c "$3"} make train CONFIG=configs/multi30k.yaml ARGS="data.path=$corpus \
+  pin "${3:-0-$((cores - 1))}" make train CONFIG=configs/multi30k.yaml ARGS="data.path=$corpus \
     train.runs_dir=$runs train.name=$name train.precision=$precision ${EXTRA:-}" \
     > "$out/train-$name.log" 2>&1
   local rc=$? took=$((SECONDS - start))
@@ -42,7 +48,7 @@ say "$(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "|",
   torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")') | $cores cores"
 recipe bf16 auto
 
-taskset -c "$half-$((cores - 1))" make test > "$out/test.log" 2>&1 &
+pin "$half-$((cores - 1))" make test > "$out/test.log" 2>&1 &
 tests=$!
 recipe fp32 fp32 "0-$((half - 1))"
 wait $tests
