@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import transformer.logbook as logbook_mod
+import transformer.state as state_mod
 import transformer.train as train_mod
 from conftest import MULTI30K, ROOT, TINY_CONFIG, TOY
 from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -162,7 +163,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train_mod, "save_checkpoint", full)
+    monkeypatch.setattr(state_mod, "save_checkpoint", full)
     with pytest.raises(RunError, match="No space left on device; the previous checkpoint"):
         resume(run, ["train.max_steps=20"])
     assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 10

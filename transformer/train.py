@@ -2,9 +2,9 @@
 
 The step itself (forward, backward, update) is in step.py; the device, precision
 and random states in device.py; the log lines and metrics.jsonl in logbook.py; where
-the run stands (step, epoch, best BLEU, ...) in runs.Position. This file decides when
-to log, evaluate, save and stop, and saves where the run stands in every checkpoint so
-that it can go on after an interruption.
+the run stands (step, epoch, best BLEU, ...) in runs.Position; what a checkpoint holds,
+and how a resumed run takes it back, in state.py. This file decides when to log,
+evaluate, save and stop, so that a run can go on after an interruption.
 """
 
 from __future__ import annotations
@@ -21,20 +21,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .batching import prefetch, prepare
-from .checkpoint import (
-    average_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    step_checkpoints,
-)
-from .config import Config, save_config, to_dict
+from .checkpoint import load_checkpoint
+from .config import Config, save_config
 from .decode import translate
-from .device import pick_device, resolve_precision, rng_state, set_deterministic, set_rng_state
+from .device import pick_device, resolve_precision, rng_state, set_deterministic
 from .distributed import Distributed, Stopped, lost_peer
 from .evaluate import score
 from .logbook import Logbook
 from .model import build_model
 from .runs import Interrupted, Position, RunError, make_run_dir, resumed_config, run_lock
+from .state import TrainingState
 from .step import (
     Criterion,
     Totals,
@@ -89,8 +85,10 @@ class Trainer:
         self.shapes: set[tuple[int, ...]] = set()  # batch shapes the step has seen
         self.rngs: list[dict] = []  # every process's random states, gathered for a checkpoint
         self.at = Position()  # where the run stands: step, epoch, best BLEU, ...
+        self.state = TrainingState(cfg, run_dir, self.data.tokenizer, self.model, self.optimizer,
+                                   self.scheduler, self.scaler, self.dist, self.device)
         if resume is not None:
-            self._load(resume)
+            self.at = self.state.load(resume)
             if self.dist.main:  # the config the run goes on under, train.* overrides included
                 save_config(cfg, os.path.join(run_dir, "config.yaml"))
         self.signals: list[int] = []
@@ -123,67 +121,10 @@ class Trainer:
                 criterion, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return compile_criterion(criterion) if self.t.compile else criterion
 
-    # --- checkpoints -----------------------------------------------------------------
-    def state(self, full: bool = True) -> dict:
-        """A self-sufficient checkpoint; full=False leaves out optimizer and position."""
-        state = {
-            "name": self.cfg.name, "config": to_dict(self.cfg),
-            "tokenizer": self.data.tokenizer.to_dict(), "model": self.model.state_dict(),
-            "step": self.at.step, "epoch": self.at.epoch, "best_bleu": self.at.best_bleu,
-        }
-        if full:
-            state.update(self.at.to_dict())
-            state.update({
-                "elapsed": self.minutes() * 60,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "updates_of": [self.dist.world_size, self.t.accumulate],
-            })
-            rngs = self.rngs if self.dist.world_size > 1 else [rng_state(self.device)]
-            state["rng"] = rngs[0]
-            if len(rngs) > 1:
-                state["rng_ranks"] = rngs  # process r draws from rngs[r]
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-        return state
-
-    def _load(self, state: dict) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise RunError(f"{self.run_dir}/last.pt: cannot resume: its training state does not "
-                           f"fit this model ({str(e).splitlines()[0][:200]})") from None
-        self.at = Position.from_checkpoint(state)
-        # Checkpoints written before the CUDA states were saved hold the first two only.
-        rng = state.get("rng") or {"python": state["rng_python"], "cpu": state["rng_torch"]}
-        ranks = state.get("rng_ranks", [rng])
-        if len(ranks) == self.dist.world_size:
-            set_rng_state(ranks[self.dist.rank], self.device)
-        elif self.dist.main:
-            set_rng_state(rng, self.device)
-        else:  # more processes than saved states: new dropout masks, from a seed of its own
-            torch.manual_seed(self.t.seed + 1_000 * self.at.step + self.dist.rank)
-        split = state.get("updates_of", [1, 1])
-        if split != [self.dist.world_size, self.t.accumulate]:
-            log.info("resumed with %d processes x %d micro-batches an update, trained with "
-                     "%d x %d: the rest of epoch %d is cut into micro-batches anew",
-                     self.dist.world_size, self.t.accumulate, *split, self.at.epoch)
-
+    # --- checkpoints (what goes in them: state.py) -----------------------------------
     def save(self, name: str, full: bool = True) -> str:
-        """Write a checkpoint (process 0 only; the others return its path)."""
-        path = os.path.join(self.run_dir, name)
-        if not self.dist.main:
-            return path
-        try:
-            save_checkpoint(path, self.state(full))
-        except OSError as e:
-            raise RunError(f"cannot write {path}: {e.strerror or e}; the previous "
-                           "checkpoint is intact") from None
-        return path
+        """Write run_dir/name (process 0 only; the others return its path)."""
+        return self.state.save(name, self.at, self.rngs, self.minutes() * 60, full)
 
     # --- evaluation ------------------------------------------------------------------
     def gather_rngs(self) -> None:
@@ -227,22 +168,14 @@ class Trainer:
         return at.best_bleu, at.evals_since_best
 
     def save_step_checkpoint(self) -> None:
-        """step-<step>.pt (weights only) for averaging; only the newest keep_checkpoints stay."""
-        if self.t.keep_checkpoints and self.dist.main:
-            self.save(f"step-{self.at.step:06d}.pt", full=False)
-            for old in step_checkpoints(self.run_dir)[:-self.t.keep_checkpoints]:
-                os.unlink(old)
+        self.state.save_step(self.at)
 
     def average(self) -> None:
         """average.pt: the mean of the kept step checkpoints, with its validation BLEU."""
-        paths = step_checkpoints(self.run_dir)
-        averaged = average_checkpoints(paths)
-        save_checkpoint(os.path.join(self.run_dir, "average.pt"), averaged)
-        self.model.load_state_dict(averaged["model"])
+        n = self.state.average()
         bleu, _ = self.valid_bleu()
-        self.logbook.write({"step": self.at.step, "average_of": len(paths),
-                            "valid_bleu": round(bleu, 2)})
-        log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", len(paths), bleu,
+        self.logbook.write({"step": self.at.step, "average_of": n, "valid_bleu": round(bleu, 2)})
+        log.info("average of the last %d checkpoints: valid BLEU %.2f -> %s", n, bleu,
                  os.path.join(self.run_dir, "average.pt"))
 
     # --- the loop --------------------------------------------------------------------
