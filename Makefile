@@ -57,7 +57,7 @@ attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of 
 probe:  ## make probe [CKPT=runs/x/best.pt] [PROBE=configs/probe.yaml]: pronoun -> noun attention
 	@$(BIN)/transformer-probe $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) --file $(PROBE)
 
-plot:  ## make plot RUN=runs/x: loss, validation BLEU and learning rate against steps
+plot:  ## make plot RUN=runs/x: loss, BLEU, lr against steps; RUN="runs/a runs/b": compare.png
 	@$(BIN)/transformer-plot $(RUN)
 
 sweep:  ## make sweep [SWEEP=configs/sweep.yaml] [ARGS="data.path=..."]: train a grid, tabulate, plot

@@ -90,6 +90,41 @@ def test_make_plot_draws_the_training_curves(tiny_run):
     assert r.returncode != 0 and "error: /no/such/run: no metrics.jsonl" in r.stderr
 
 
+@needs_make
+def test_make_plot_of_several_runs_draws_them_side_by_side(tiny_run, tmp_path):
+    seeds = tmp_path / "sweep"  # a sweep's folder: runs, and results files beside them
+    for name in ("seed-1", "seed-2"):
+        shutil.copytree(tiny_run, seeds / name)
+    (seeds / "results.md").write_text("a table")
+    before = sorted(os.listdir(seeds / "seed-1"))
+    for run in (f"{seeds}/seed-1 {seeds}/seed-2", str(seeds), f"{seeds}/*"):
+        if (seeds / "compare.png").exists():
+            os.remove(seeds / "compare.png")
+        r = _make("plot", f"RUN={run}")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [str(seeds / "compare.png")], run
+        assert open(seeds / "compare.png", "rb").read(4) == b"\x89PNG"
+    assert sorted(os.listdir(seeds / "seed-1")) == before  # one figure for all, not one each
+    r = _make("plot", f"RUN={seeds}/seed-1 {seeds}/missing")
+    assert r.returncode != 0 and f"error: {seeds}/missing: no metrics.jsonl" in r.stderr
+
+
+def test_several_runs_are_drawn_one_line_each(tiny_run, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from transformer.visualize import plot_runs, pyplot
+
+    pyplot()
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: drawn.update(
+        {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in fig.axes}))
+    plot_runs([tiny_run, str(other)], str(tmp_path))
+    assert drawn == {title: ["tiny", "other"] for title in (
+        "validation loss", "validation BLEU (greedy)", "gradient norm (before clipping)")}
+
+
 def _sweep_file(tmp_path, name: str, extra: str, budget: str):
     """A sweep of the tiny config over 1 and 2 heads, in tmp_path."""
     sweep = tmp_path / "sweep.yaml"

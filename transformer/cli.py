@@ -442,19 +442,42 @@ def probe_main(argv: list[str] | None = None) -> int:
 
 
 def _plot(argv: list[str]) -> int:
-    from .visualize import plot_run
+    from .visualize import plot_run, plot_runs
 
     p = argparse.ArgumentParser(prog="transformer-plot",
                                 description="Draw a run's loss, validation BLEU and learning "
-                                            "rate against steps.")
-    p.add_argument("run", help="run folder holding metrics.jsonl")
-    args = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
-        raise RunError(f"{args.run}: no metrics.jsonl; name a run folder, e.g. RUN=runs/<name>")
-    for path in _write_somewhere(lambda place: plot_run(args.run, place), "the plots", args.run,
-                                 os.path.basename(os.path.normpath(args.run))):
+                                            "rate against steps; given several runs (or a "
+                                            "sweep folder), draw them side by side.")
+    p.add_argument("runs", nargs="+", metavar="run",
+                   help="run folder holding metrics.jsonl, or a folder of such runs")
+    runs = _run_folders(p.parse_args(argv).runs)
+    if len(runs) == 1:
+        paths = _write_somewhere(lambda place: plot_run(runs[0], place), "the plots", runs[0],
+                                 os.path.basename(os.path.normpath(runs[0])))
+    else:
+        parent = os.path.commonpath([os.path.abspath(r) for r in runs])
+        paths = [_write_somewhere(lambda place: plot_runs(runs, place), "the plot", parent, ".")]
+    for path in paths:
         print(path)
     return 0
+
+
+def _run_folders(paths: list[str]) -> list[str]:
+    """The runs named: a folder with metrics.jsonl, or a folder of them (a sweep's).
+    Among several paths (a glob), files such as a sweep's results.md are passed over."""
+    runs = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs.append(path)
+        elif os.path.isdir(path) and (inside := sorted(
+                os.path.join(path, d) for d in os.listdir(path)
+                if os.path.isfile(os.path.join(path, d, "metrics.jsonl")))):
+            runs.extend(inside)
+        elif not (len(paths) > 1 and os.path.isfile(path)):
+            raise RunError(f"{path}: no metrics.jsonl; name a run folder, e.g. RUN=runs/<name>")
+    if not runs:
+        raise RunError(f"no run folder among {' '.join(paths)}")
+    return runs
 
 
 def plot_main(argv: list[str] | None = None) -> int:

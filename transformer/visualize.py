@@ -229,3 +229,33 @@ def _stability(plt, run_dir: str, out_dir: str, series) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_runs(run_dirs: list[str], out_dir: str) -> str:
+    """compare.png: several runs side by side (seeds of a recipe, say), one line each, in
+    three panels on one step axis: validation loss, validation BLEU and gradient norm.
+    A seed that stalls stands out: its validation loss stays above the others'."""
+    plt = pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    panels = [("validation loss", "valid_loss"), ("validation BLEU (greedy)", "valid_bleu"),
+              ("gradient norm (before clipping)", "gnorm")]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    for run_dir in run_dirs:
+        records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+                   if "average_of" not in r]
+        label = os.path.basename(os.path.normpath(run_dir))
+        for ax, (_, key) in zip(axes, panels):
+            points = {r["step"]: r[key] for r in records if key in r}
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], label=label, linewidth=1,
+                    marker="o" if key.startswith("valid") else None, markersize=2)
+    for ax, (title, _) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "compare.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
