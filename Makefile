@@ -60,8 +60,8 @@ probe:  ## make probe [CKPT=runs/x/best.pt] [PROBE=configs/probe.yaml]: pronoun 
 plot:  ## make plot RUN=runs/x: loss, BLEU, lr against steps; RUN="runs/a runs/b": compare.png
 	@$(BIN)/transformer-plot $(RUN)
 
-sweep:  ## make sweep [SWEEP=configs/sweep.yaml] [ARGS="data.path=..."]: train a grid, tabulate, plot
-	$(BIN)/transformer-sweep $(SWEEP) $(ARGS)
+sweep:  ## make sweep [SWEEP=configs/sweep.yaml] [ARGS="data.path=..."] [JOBS=N]: train a grid, tabulate, plot
+	$(BIN)/transformer-sweep $(SWEEP) $(ARGS) $(if $(JOBS),--jobs $(JOBS))
 
 bench:  ## training speed against torch.nn.Transformer, FLOP/s, memory; ARGS="--quick --device cuda"
 	$(BIN)/python scripts/bench_train.py $(ARGS)

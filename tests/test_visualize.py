@@ -210,6 +210,42 @@ overrides: [train.max_steps=6, train.eval_every=1000, train.device=cpu,
     assert (folder / "scores-vs-parameters.png").stat().st_size > 0
 
 
+def test_a_sweep_trains_runs_side_by_side_with_the_same_results(tmp_path):
+    from transformer.runs import RunError
+    from transformer.sweep import run_sweep
+
+    def sweep(name: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"""
+base: {TINY_CONFIG}
+name: {name}
+grid: {{model.n_heads: [1, 2]}}
+seeds: [1, 2]
+overrides: [train.max_steps=6, train.eval_every=3, train.log_every=3, train.device=cpu,
+            train.threads=1, train.runs_dir={tmp_path}/runs, data.data_dir={tmp_path}/data]
+""")
+        return str(path)
+
+    run_sweep(sweep("one"))  # one run after another, in this process
+    run_sweep(sweep("apart"), jobs=3)  # three at a time, each in a process of its own
+    folder = tmp_path / "runs"
+    one, apart = (list(csv.DictReader(open(folder / f"sweep-{n}" / "results.csv")))
+                  for n in ("one", "apart"))
+    keys = ("model.n_heads", "seed", "steps", "valid_loss", "valid_bleu", "parameters")
+    assert [[r[k] for k in keys] for r in apart] == [[r[k] for k in keys] for r in one]
+    assert len({r["valid_loss"] for r in apart}) == 4  # four different runs
+    log = (folder / "sweep-apart" / "n_heads-2_seed-1.log").read_text()
+    assert "eval step 6" in log and "stopped by train.max_steps=6" in log
+
+    broken = folder / "sweep-apart" / "n_heads-1_seed-2"  # a run that cannot resume
+    os.remove(broken / "result.json")
+    (broken / "last.pt").write_text("not a checkpoint")
+    with pytest.raises(RunError, match=r"1 run\(s\) failed: n_heads-1_seed-2 \(exit 2; see "):
+        run_sweep(sweep("apart"), jobs=2)
+    assert "not a readable checkpoint" in (folder / "sweep-apart" / "n_heads-1_seed-2.log"
+                                           ).read_text()
+
+
 def test_bad_sweep_file_is_one_line(tmp_path):
     from transformer.config import ConfigError
     from transformer.sweep import load_sweep

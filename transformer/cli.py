@@ -493,8 +493,13 @@ def _sweep(argv: list[str]) -> int:
     p.add_argument("sweep", nargs="?", default="configs/sweep.yaml", help="sweep file")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="for every run, after the file's own (data.path=../shared/multi30k)")
-    args = p.parse_args(argv)
-    for path in run_sweep(args.sweep, args.overrides):
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, each in its own process (on a GPU, where "
+                        "a small model's step is bound by the host)")
+    args = p.parse_intermixed_args(argv)
+    if args.jobs < 1:
+        raise RunError(f"--jobs {args.jobs}: expected 1 or more runs at a time")
+    for path in run_sweep(args.sweep, args.overrides, args.jobs):
         print(path)
     return 0
 

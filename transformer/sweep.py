@@ -28,11 +28,16 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 from .checkpoint import model_from_checkpoint
 from .config import ConfigError, load_config, parse_override, read_yaml
+from .runs import RunError
 from .train import resume, train
 from .visualize import pyplot, read_metrics
 
@@ -113,20 +118,33 @@ def _overrides(sweep: Sweep, point: dict, seed: int | None = None) -> list[str]:
 def run_point(sweep: Sweep, point: dict, seed: int | None = None) -> dict:
     """Train (or resume, or skip) one run of a point; returns its row of the results."""
     run_dir = os.path.join(sweep.folder, _point_name(point, seed))
-    result_path = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path, encoding="utf-8") as f:
-            return json.load(f)
+    if os.path.exists(os.path.join(run_dir, "result.json")):
+        return _result(sweep, point, seed)
     if os.path.exists(os.path.join(run_dir, "last.pt")):
         log.info("sweep %s: resuming %s", sweep.name, run_dir)
         resume(run_dir)
     else:
         log.info("sweep %s: training %s", sweep.name, run_dir)
-        cfg = load_config(sweep.base, _overrides(sweep, point, seed))
-        if os.path.isdir(run_dir):  # an attempt killed before its first checkpoint
-            log.info("sweep %s: %s has no checkpoint; starting it again", sweep.name, run_dir)
-            shutil.rmtree(run_dir)
-        train(cfg)
+        train(_fresh_config(sweep, point, seed))
+    return _result(sweep, point, seed)
+
+
+def _fresh_config(sweep: Sweep, point: dict, seed: int | None):
+    """The run's config, its folder cleared of an attempt killed before its first checkpoint."""
+    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
+    if os.path.isdir(run_dir):
+        log.info("sweep %s: %s has no checkpoint; starting it again", sweep.name, run_dir)
+        shutil.rmtree(run_dir)
+    return load_config(sweep.base, _overrides(sweep, point, seed))
+
+
+def _result(sweep: Sweep, point: dict, seed: int | None) -> dict:
+    """A trained run's row, from its result.json, written on first asking."""
+    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as f:
+            return json.load(f)
     row = summarize(run_dir, point)
     if seed is not None:
         row["seed"] = seed
@@ -135,6 +153,53 @@ def run_point(sweep: Sweep, point: dict, seed: int | None = None) -> dict:
         json.dump(row, f, indent=1)
     os.replace(tmp, result_path)
     return row
+
+
+def train_apart(sweep: Sweep, jobs: int) -> None:
+    """Train the sweep's unfinished runs jobs at a time, each in a process of its own
+    (`make sweep JOBS=N`): on a GPU a small model's step is bound by the host, so that N
+    runs side by side take little longer than one. Each run's log lines go to
+    <sweep folder>/<run>.log. A run that fails lets the others finish, then stops the
+    sweep; Ctrl-C stops them all, each saving its last.pt (the same command resumes)."""
+    todo = [(p, s) for p, s in sweep.runs() if not os.path.exists(
+        os.path.join(sweep.folder, _point_name(p, s), "result.json"))]
+    running: dict[subprocess.Popen, str] = {}
+    failed = []
+    try:
+        while todo or running:
+            while todo and len(running) < jobs and not failed:
+                point, seed = todo.pop(0)
+                name = _point_name(point, seed)
+                run_dir = os.path.join(sweep.folder, name)
+                command = [sys.executable, "-m", "transformer.cli"]
+                if os.path.exists(os.path.join(run_dir, "last.pt")):
+                    command += ["--resume", run_dir]
+                else:
+                    _fresh_config(sweep, point, seed)  # checked, and its folder cleared
+                    command += ["--config", sweep.base, *_overrides(sweep, point, seed)]
+                log_path = os.path.join(sweep.folder, f"{name}.log")
+                with open(log_path, "a", encoding="utf-8") as out:
+                    running[subprocess.Popen(command, stdout=out, stderr=out)] = name
+                log.info("sweep %s: training %s (%d at a time; its log: %s)", sweep.name, name,
+                         jobs, log_path)
+            if failed and not running:
+                break
+            time.sleep(0.5)
+            for process in [p for p in running if p.poll() is not None]:
+                name = running.pop(process)
+                if process.returncode:
+                    failed.append(f"{name} (exit {process.returncode}; see "
+                                  f"{os.path.join(sweep.folder, name)}.log)")
+                else:
+                    log.info("sweep %s: %s finished", sweep.name, name)
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached them too; kill and hangup not
+        for process in running:
+            process.send_signal(signal.SIGINT)
+        for process in running:
+            process.wait()
+        raise
+    if failed:
+        raise RunError(f"sweep {sweep.name}: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 def summarize(run_dir: str, point: dict) -> dict:
@@ -251,16 +316,19 @@ def plot_sweep(sweep: Sweep, rows: list[dict], line_key: str = "model.n_heads") 
     return path
 
 
-def run_sweep(path: str, overrides: list[str] = ()) -> list[str]:
+def run_sweep(path: str, overrides: list[str] = (), jobs: int = 1) -> list[str]:
     """Every run of the sweep file at path (each point, once per seed), then the table
-    and the plot."""
+    and the plot; jobs > 1 trains that many runs at a time (train_apart)."""
     sweep = load_sweep(path, overrides)
     os.makedirs(sweep.folder, exist_ok=True)
+    if jobs > 1:
+        train_apart(sweep, jobs)
     total, groups = len(sweep.runs()), []
     for point in sweep.points:
         groups.append([])  # the point's runs, one per seed
         for seed in sweep.seeds or [None]:
-            log.info("sweep %s: run %d of %d: %s", sweep.name, sum(map(len, groups)) + 1,
-                     total, _point_name(point, seed))
+            if jobs <= 1:
+                log.info("sweep %s: run %d of %d: %s", sweep.name, sum(map(len, groups)) + 1,
+                         total, _point_name(point, seed))
             groups[-1].append(run_point(sweep, point, seed))
     return write_results(sweep, groups)
