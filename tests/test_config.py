@@ -42,6 +42,18 @@ def test_shipped_configs_load():
                     assert got == (list(value) if isinstance(value, tuple) else value), key
 
 
+def test_shipped_sweep_files_load():
+    from transformer.sweep import load_sweep
+
+    sweeps = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                    if "base:" in open(os.path.join(ROOT, "configs", f)).read())
+    assert {"sweep.yaml", "multi30k-seeds.yaml", "multi30k-norm.yaml"} <= set(sweeps)
+    for name in sweeps:  # every run of every point is checked as its config is built
+        sweep = load_sweep(os.path.join(ROOT, "configs", name),
+                           ["data.path=" + os.path.join(ROOT, "tests", "toy_corpus")])
+        assert sweep.runs(), name
+
+
 def test_round_trip(tmp_path):
     cfg = load_config(TINY_CONFIG, ["model.n_heads=4", "train.lr=0.01"])
     path = str(tmp_path / "config.yaml")
