@@ -236,6 +236,9 @@ overrides: [train.max_steps=6, train.eval_every=3, train.log_every=3, train.devi
     assert len({r["valid_loss"] for r in apart}) == 4  # four different runs
     log = (folder / "sweep-apart" / "n_heads-2_seed-1.log").read_text()
     assert "eval step 6" in log and "stopped by train.max_steps=6" in log
+    for run in ("n_heads-1_seed-1", "n_heads-2_seed-2"):  # each run finished once, not again
+        metrics = (folder / "sweep-apart" / run / "metrics.jsonl").read_text()
+        assert metrics.count('"average_of"') == 1 and metrics.count('"valid_loss"') == 2, run
 
     broken = folder / "sweep-apart" / "n_heads-1_seed-2"  # a run that cannot resume
     os.remove(broken / "result.json")

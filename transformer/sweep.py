@@ -330,5 +330,6 @@ def run_sweep(path: str, overrides: list[str] = (), jobs: int = 1) -> list[str]:
             if jobs <= 1:
                 log.info("sweep %s: run %d of %d: %s", sweep.name, sum(map(len, groups)) + 1,
                          total, _point_name(point, seed))
-            groups[-1].append(run_point(sweep, point, seed))
+            groups[-1].append(_result(sweep, point, seed) if jobs > 1  # trained above
+                              else run_point(sweep, point, seed))
     return write_results(sweep, groups)
