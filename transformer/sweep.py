@@ -117,7 +117,7 @@ def _overrides(sweep: Sweep, point: dict, seed: int | None = None) -> list[str]:
 
 def run_point(sweep: Sweep, point: dict, seed: int | None = None) -> dict:
     """Train (or resume, or skip) one run of a point; returns its row of the results."""
-    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
+    run_dir = _run_dir(sweep, point, seed)
     if os.path.exists(os.path.join(run_dir, "result.json")):
         return _result(sweep, point, seed)
     if os.path.exists(os.path.join(run_dir, "last.pt")):
@@ -125,22 +125,25 @@ def run_point(sweep: Sweep, point: dict, seed: int | None = None) -> dict:
         resume(run_dir)
     else:
         log.info("sweep %s: training %s", sweep.name, run_dir)
-        train(_fresh_config(sweep, point, seed))
+        _clear_killed_start(sweep, run_dir)
+        train(load_config(sweep.base, _overrides(sweep, point, seed)))
     return _result(sweep, point, seed)
 
 
-def _fresh_config(sweep: Sweep, point: dict, seed: int | None):
-    """The run's config, its folder cleared of an attempt killed before its first checkpoint."""
-    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
+def _run_dir(sweep: Sweep, point: dict, seed: int | None) -> str:
+    return os.path.join(sweep.folder, _point_name(point, seed))
+
+
+def _clear_killed_start(sweep: Sweep, run_dir: str) -> None:
+    """Remove an attempt killed before its first checkpoint: the run starts again."""
     if os.path.isdir(run_dir):
         log.info("sweep %s: %s has no checkpoint; starting it again", sweep.name, run_dir)
         shutil.rmtree(run_dir)
-    return load_config(sweep.base, _overrides(sweep, point, seed))
 
 
 def _result(sweep: Sweep, point: dict, seed: int | None) -> dict:
     """A trained run's row, from its result.json, written on first asking."""
-    run_dir = os.path.join(sweep.folder, _point_name(point, seed))
+    run_dir = _run_dir(sweep, point, seed)
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as f:
@@ -161,21 +164,20 @@ def train_apart(sweep: Sweep, jobs: int) -> None:
     runs side by side take little longer than one. Each run's log lines go to
     <sweep folder>/<run>.log. A run that fails lets the others finish, then stops the
     sweep; Ctrl-C stops them all, each saving its last.pt (the same command resumes)."""
-    todo = [(p, s) for p, s in sweep.runs() if not os.path.exists(
-        os.path.join(sweep.folder, _point_name(p, s), "result.json"))]
+    todo = [(p, s) for p, s in sweep.runs()
+            if not os.path.exists(os.path.join(_run_dir(sweep, p, s), "result.json"))]
     running: dict[subprocess.Popen, str] = {}
     failed = []
     try:
         while todo or running:
             while todo and len(running) < jobs and not failed:
                 point, seed = todo.pop(0)
-                name = _point_name(point, seed)
-                run_dir = os.path.join(sweep.folder, name)
-                command = [sys.executable, "-m", "transformer.cli"]
+                name, run_dir = _point_name(point, seed), _run_dir(sweep, point, seed)
+                command = [sys.executable, "-m", "transformer.cli"]  # transformer-train
                 if os.path.exists(os.path.join(run_dir, "last.pt")):
                     command += ["--resume", run_dir]
                 else:
-                    _fresh_config(sweep, point, seed)  # checked, and its folder cleared
+                    _clear_killed_start(sweep, run_dir)
                     command += ["--config", sweep.base, *_overrides(sweep, point, seed)]
                 log_path = os.path.join(sweep.folder, f"{name}.log")
                 with open(log_path, "a", encoding="utf-8") as out:
