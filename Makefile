@@ -9,6 +9,7 @@ SPLIT  ?= test
 BEAM   ?=
 RUN    ?=
 LAST   ?=
+UPTO   ?=
 RESUME ?=
 NPROC  ?=
 TORCHRUN ?=
@@ -47,8 +48,8 @@ evaluate:  ## make evaluate [CKPT=runs/x/best.pt] [SPLIT=test|valid] [ARGS="data
 	@$(BIN)/transformer-evaluate $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \
 		--split $(SPLIT) $(ARGS)
 
-average:  ## make average RUN=runs/x [LAST=10]: average.pt from the run's step-*.pt
-	@$(BIN)/transformer-average $(RUN) $(if $(LAST),--last $(LAST))
+average:  ## make average RUN=runs/x [LAST=10] [UPTO=step]: average.pt from the run's step-*.pt
+	@$(BIN)/transformer-average $(RUN) $(if $(LAST),--last $(LAST)) $(if $(UPTO),--upto $(UPTO))
 
 attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of all attentions
 	@$(BIN)/transformer-attention $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) \

@@ -170,6 +170,19 @@ def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
     (run / "average.pt").unlink()
     r = _make("average", f"RUN={run}", "LAST=2")
     assert r.returncode == 0 and "the average of 2 checkpoints" in r.stdout, r.stderr
+    # UPTO: the ones a run had kept when it passed that step, beside average.pt.
+    first, middle, _ = sorted(run.glob("step-*.pt"))
+    upto = int(middle.stem[len("step-"):])
+    r = _make("average", f"RUN={run}", f"UPTO={upto}")
+    assert r.returncode == 0, r.stderr
+    assert f"the average of 2 checkpoints ({first.name} .. {middle.name})" in r.stdout
+    assert (run / f"average-upto-{upto}.pt").exists() and (run / "average.pt").exists()
+    before = int(first.stem[len("step-"):]) - 1
+    r = _make("average", f"RUN={run}", f"UPTO={before}")
+    assert r.returncode != 0 and [line for line in r.stderr.splitlines()
+                                  if not line.startswith("make")] == [
+        f"error: {run}: no step checkpoint at or before step {before}; "
+        f"the first kept is {first.name}"]
     r = _make("evaluate", f"CKPT={run / 'average.pt'}", "BEAM=3")
     assert r.returncode == 0, r.stderr
     assert "beam 3" in r.stdout and (run / "average.test.beam3.hyp.txt").exists()

@@ -365,18 +365,33 @@ def _average(argv: list[str]) -> int:
                                 description="Average the last step checkpoints of a run.")
     p.add_argument("run", help="run folder with step-*.pt (train.keep_checkpoints > 0)")
     p.add_argument("--last", type=int, default=0, help="how many (default: all kept)")
+    p.add_argument("--upto", type=int, default=0, metavar="STEP",
+                   help="the last ones at or before this step, into average-upto-STEP.pt "
+                        "(what average.pt was when the run passed that step)")
     args = p.parse_args(argv)
-    paths = step_checkpoints(args.run)
-    if args.last:
-        paths = paths[-args.last:]
-    if not paths:
+    kept = step_checkpoints(args.run)
+    if not kept:
         raise CheckpointError(f"{args.run}: no step-*.pt checkpoints; train with "
                               "train.keep_checkpoints=10 to keep them")
-    out = os.path.join(args.run, "average.pt")
+    paths = kept
+    if args.upto:
+        paths = [p for p in kept if _step_of(p) <= args.upto]
+        if not paths:
+            raise CheckpointError(f"{args.run}: no step checkpoint at or before step "
+                                  f"{args.upto}; the first kept is {os.path.basename(kept[0])}")
+    if args.last:
+        paths = paths[-args.last:]
+    name = f"average-upto-{args.upto}.pt" if args.upto else "average.pt"
+    out = os.path.join(args.run, name)
     save_checkpoint(out, average_checkpoints(paths))
     print(f"{out}: the average of {len(paths)} checkpoints "
           f"({os.path.basename(paths[0])} .. {os.path.basename(paths[-1])})")
     return 0
+
+
+def _step_of(path: str) -> int:
+    """The step of a step-<step>.pt file."""
+    return int(os.path.basename(path)[len("step-"):-len(".pt")])
 
 
 def average_main(argv: list[str] | None = None) -> int:
