@@ -170,7 +170,7 @@ def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
     (run / "average.pt").unlink()
     r = _make("average", f"RUN={run}", "LAST=2")
     assert r.returncode == 0 and "the average of 2 checkpoints" in r.stdout, r.stderr
-    # UPTO: the ones a run had kept when it passed that step, beside average.pt.
+    # UPTO: only those at or before that step, into a file beside average.pt.
     first, middle, _ = sorted(run.glob("step-*.pt"))
     upto = int(middle.stem[len("step-"):])
     r = _make("average", f"RUN={run}", f"UPTO={upto}")

@@ -366,8 +366,8 @@ def _average(argv: list[str]) -> int:
     p.add_argument("run", help="run folder with step-*.pt (train.keep_checkpoints > 0)")
     p.add_argument("--last", type=int, default=0, help="how many (default: all kept)")
     p.add_argument("--upto", type=int, default=0, metavar="STEP",
-                   help="the last ones at or before this step, into average-upto-STEP.pt "
-                        "(what average.pt was when the run passed that step)")
+                   help="only those at or before this step, into average-upto-STEP.pt "
+                        "(with --last 10: the recipe's average.pt had the run stopped there)")
     args = p.parse_args(argv)
     kept = step_checkpoints(args.run)
     if not kept:
@@ -375,7 +375,7 @@ def _average(argv: list[str]) -> int:
                               "train.keep_checkpoints=10 to keep them")
     paths = kept
     if args.upto:
-        paths = [p for p in kept if _step_of(p) <= args.upto]
+        paths = [path for path in kept if _step_of(path) <= args.upto]
         if not paths:
             raise CheckpointError(f"{args.run}: no step checkpoint at or before step "
                                   f"{args.upto}; the first kept is {os.path.basename(kept[0])}")
