@@ -16,6 +16,8 @@ from transformer.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
+    step_checkpoint_name,
+    step_checkpoints,
 )
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
@@ -206,6 +208,15 @@ def test_translate_with_a_broken_checkpoint_is_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "not a readable checkpoint" in r.stderr
+
+
+def test_step_checkpoints_come_in_step_order_and_stop_at_upto(tmp_path):
+    for step in (1_000_000, 999_999, 1000, 100):  # past six digits names stop sorting
+        (tmp_path / step_checkpoint_name(step)).write_bytes(b"")
+    names = [os.path.basename(p) for p in step_checkpoints(str(tmp_path))]
+    assert names == [step_checkpoint_name(s) for s in (100, 1000, 999_999, 1_000_000)]
+    assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path), upto=999_999)] == [
+        step_checkpoint_name(s) for s in (100, 1000, 999_999)]
 
 
 def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):

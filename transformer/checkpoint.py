@@ -55,9 +55,17 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def step_checkpoints(run_dir: str) -> list[str]:
-    """The step-<step>.pt files of a run, oldest first."""
-    return sorted(glob.glob(os.path.join(run_dir, "step-*.pt")))
+def step_checkpoint_name(step: int) -> str:
+    """The file name of a run's checkpoint at a step, kept for averaging."""
+    return f"step-{step:06d}.pt"
+
+
+def step_checkpoints(run_dir: str, upto: int = 0) -> list[str]:
+    """The step-<step>.pt files of a run, oldest first; with upto, those at or before it."""
+    steps = {path: int(os.path.basename(path)[len("step-"):-len(".pt")])
+             for path in glob.glob(os.path.join(run_dir, "step-*.pt"))}
+    return sorted((path for path, step in steps.items() if not upto or step <= upto),
+                  key=steps.get)
 
 
 def average_checkpoints(paths: list[str]) -> dict:

@@ -373,12 +373,10 @@ def _average(argv: list[str]) -> int:
     if not kept:
         raise CheckpointError(f"{args.run}: no step-*.pt checkpoints; train with "
                               "train.keep_checkpoints=10 to keep them")
-    paths = kept
-    if args.upto:
-        paths = [path for path in kept if _step_of(path) <= args.upto]
-        if not paths:
-            raise CheckpointError(f"{args.run}: no step checkpoint at or before step "
-                                  f"{args.upto}; the first kept is {os.path.basename(kept[0])}")
+    paths = step_checkpoints(args.run, upto=args.upto)
+    if not paths:
+        raise CheckpointError(f"{args.run}: no step checkpoint at or before step "
+                              f"{args.upto}; the first kept is {os.path.basename(kept[0])}")
     if args.last:
         paths = paths[-args.last:]
     name = f"average-upto-{args.upto}.pt" if args.upto else "average.pt"
@@ -387,11 +385,6 @@ def _average(argv: list[str]) -> int:
     print(f"{out}: the average of {len(paths)} checkpoints "
           f"({os.path.basename(paths[0])} .. {os.path.basename(paths[-1])})")
     return 0
-
-
-def _step_of(path: str) -> int:
-    """The step of a step-<step>.pt file."""
-    return int(os.path.basename(path)[len("step-"):-len(".pt")])
 
 
 def average_main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .checkpoint import average_checkpoints, save_checkpoint, step_checkpoints
+from .checkpoint import average_checkpoints, save_checkpoint, step_checkpoint_name, step_checkpoints
 from .config import Config, to_dict
 from .device import rng_state, set_rng_state
 from .distributed import Distributed
@@ -81,7 +81,7 @@ class TrainingState:
         """step-<step>.pt (weights only) for averaging; only the newest keep_checkpoints stay."""
         keep = self.cfg.train.keep_checkpoints
         if keep and self.dist.main:
-            self.save(f"step-{at.step:06d}.pt", at, [], 0.0, full=False)
+            self.save(step_checkpoint_name(at.step), at, [], 0.0, full=False)
             for old in step_checkpoints(self.run_dir)[:-keep]:
                 os.unlink(old)
 
