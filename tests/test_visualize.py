@@ -168,6 +168,30 @@ def test_sweep_trains_every_point_tabulates_and_resumes(tmp_path):
     assert log.count('"valid_loss"') == 1  # not trained a second time
 
 
+def test_an_interrupted_sweep_says_the_sweep_command_goes_on(tmp_path, monkeypatch):
+    import transformer.sweep as sweep_module
+    from transformer.runs import Interrupted
+
+    sweep = _sweep_file(tmp_path, "i", "", "train.max_steps=4")
+    real_train, started = sweep_module.train, []
+
+    def train_then_ctrl_c(cfg):  # the second run is stopped as Ctrl-C stops a run
+        started.append(cfg.model.n_heads)
+        if len(started) == 2:
+            raise Interrupted("interrupted at step 2: saved last.pt; resume with "
+                              "`make train RESUME=...`")
+        return real_train(cfg)
+
+    monkeypatch.setattr(sweep_module, "train", train_then_ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        sweep_module.run_sweep(str(sweep), ["train.log_every=2"])
+    message = str(stopped.value)
+    assert f'`make sweep SWEEP={sweep} ARGS="train.log_every=2"` goes on' in message
+    assert "make train RESUME" not in message  # one run's resume would leave the table undone
+    assert started == [1, 2]
+    assert not (tmp_path / "runs" / "sweep-i" / "results.md").exists()
+
+
 def test_sweep_with_seeds_reports_mean_and_spread(tmp_path):
     from transformer.sweep import run_sweep
 

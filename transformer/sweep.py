@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .checkpoint import model_from_checkpoint
 from .config import ConfigError, load_config, parse_override, read_yaml
-from .runs import RunError
+from .runs import Interrupted, RunError
 from .train import resume, train
 from .visualize import pyplot, read_metrics
 
@@ -323,15 +323,25 @@ def run_sweep(path: str, overrides: list[str] = (), jobs: int = 1) -> list[str]:
     and the plot; jobs > 1 trains that many runs at a time (train_apart)."""
     sweep = load_sweep(path, overrides)
     os.makedirs(sweep.folder, exist_ok=True)
-    if jobs > 1:
-        train_apart(sweep, jobs)
-    total, groups = len(sweep.runs()), []
-    for point in sweep.points:
-        groups.append([])  # the point's runs, one per seed
-        for seed in sweep.seeds or [None]:
-            if jobs <= 1:
-                log.info("sweep %s: run %d of %d: %s", sweep.name, sum(map(len, groups)) + 1,
-                         total, _point_name(point, seed))
-            groups[-1].append(_result(sweep, point, seed) if jobs > 1  # trained above
-                              else run_point(sweep, point, seed))
+    try:
+        if jobs > 1:
+            train_apart(sweep, jobs)
+        total, groups = len(sweep.runs()), []
+        for point in sweep.points:
+            groups.append([])  # the point's runs, one per seed
+            for seed in sweep.seeds or [None]:
+                if jobs <= 1:
+                    log.info("sweep %s: run %d of %d: %s", sweep.name,
+                             sum(map(len, groups)) + 1, total, _point_name(point, seed))
+                groups[-1].append(_result(sweep, point, seed) if jobs > 1  # trained above
+                                  else run_point(sweep, point, seed))
+    except (Interrupted, KeyboardInterrupt):
+        # Not the run's own `make train RESUME=`: that finishes one run and leaves the
+        # sweep's other runs and its table undone. The sweep's command does all of it.
+        again = " ".join([f"make sweep SWEEP={path}",
+                          *([f'ARGS="{" ".join(overrides)}"'] if overrides else []),
+                          *([f"JOBS={jobs}"] if jobs > 1 else [])])
+        raise Interrupted(f"sweep {sweep.name} interrupted: each unfinished run saved its "
+                          f"last.pt; `{again}` goes on from there (finished runs are "
+                          "kept)") from None
     return write_results(sweep, groups)
