@@ -165,6 +165,14 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+def series(records: list[dict], key: str) -> tuple[list, list]:
+    """The steps and values of one key of a run's records, in step order, the average's
+    record left out. A resumed run may log a step twice: the later record wins."""
+    points = {r["step"]: r[key] for r in records if key in r and "average_of" not in r}
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """loss.png, bleu.png, lr.png and stability.png (loss, gradient norm and learning rate
     together) against steps, from run_dir/metrics.jsonl, into out_dir (default: the run
@@ -173,12 +181,6 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-
-    def series(key: str) -> tuple[list, list]:
-        points = {r["step"]: r[key] for r in records if key in r and "average_of" not in r}
-        steps = sorted(points)  # a resumed run may repeat a step: the later record wins
-        return steps, [points[s] for s in steps]
-
     figures = {
         "loss.png": ("loss (label-smoothed cross-entropy)",
                      [("train loss", "loss"), ("validation loss", "valid_loss")]),
@@ -189,7 +191,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     for name, (title, lines) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, key in lines:
-            steps, values = series(key)
+            steps, values = series(records, key)
             ax.plot(steps, values, label=label, marker="o" if key.startswith("valid") else None,
                     markersize=3)
         ax.set_xlabel("step")
@@ -202,11 +204,11 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
-    paths.append(_stability(plt, run_dir, out_dir, series))
+    paths.append(_stability(plt, run_dir, out_dir, records))
     return paths
 
 
-def _stability(plt, run_dir: str, out_dir: str, series) -> str:
+def _stability(plt, run_dir: str, out_dir: str, records: list[dict]) -> str:
     """stability.png: loss, gradient norm (before clipping) and learning rate, one above
     the other on one step axis. A run that stalls shows it here: its gradient norm jumps
     or creeps up as the learning rate peaks, and its loss stops falling."""
@@ -216,7 +218,7 @@ def _stability(plt, run_dir: str, out_dir: str, series) -> str:
     fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
     for ax, (title, lines) in zip(axes, panels):
         for label, key in lines:
-            steps, values = series(key)
+            steps, values = series(records, key)
             ax.plot(steps, values, label=label, marker="o" if key.startswith("valid") else None,
                     markersize=3)
         ax.set_title(title, fontsize=9)
@@ -241,13 +243,10 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> str:
               ("gradient norm (before clipping)", "gnorm")]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     for run_dir in run_dirs:
-        records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-                   if "average_of" not in r]
+        records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         label = os.path.basename(os.path.normpath(run_dir))
         for ax, (_, key) in zip(axes, panels):
-            points = {r["step"]: r[key] for r in records if key in r}
-            steps = sorted(points)
-            ax.plot(steps, [points[s] for s in steps], label=label, linewidth=1,
+            ax.plot(*series(records, key), label=label, linewidth=1,
                     marker="o" if key.startswith("valid") else None, markersize=2)
     for ax, (title, _) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
