@@ -288,6 +288,14 @@ def test_bad_sweep_file_is_one_line(tmp_path):
         bad.write_text(f"base: {TINY_CONFIG}\ngrid:\n  model.n_heads: [4]\nseeds: {seeds}\n")
         with pytest.raises(ConfigError, match="seeds: expected a list of different integers"):
             load_sweep(str(bad))
+    # Two points that would train into one folder (side by side with JOBS=N, at once).
+    for points in ("grid:\n  model.n_heads: [1, 2]\npoints:\n  - {model.n_heads: 2}\n",
+                   "points:\n  - {}\n  - {model.n_heads: 2}\n"):  # no grid: base is first
+        bad.write_text(f"base: {TINY_CONFIG}\n{points}")
+        with pytest.raises(ConfigError, match=r"point\(s\) (n_heads-2|base) given twice"):
+            load_sweep(str(bad))
+    bad.write_text(f"base: {TINY_CONFIG}\npoints:\n  - {{model.n_heads: 2}}\n")
+    assert [p for p, _ in load_sweep(str(bad)).runs()] == [{}, {"model.n_heads": 2}]
 
 
 @pytest.mark.parametrize("command", ["plot", "attention"])

@@ -12,6 +12,8 @@ A sweep file (see configs/sweep.yaml):
     overrides: [train.max_steps=800]    # the same budget for every point
     seeds: [1, 2, 3]                    # optional: train every point once per seed
 
+Without a grid, the base config itself is the first point (named base), then the points.
+
 Each point is an ordinary run (one per seed). A finished point writes result.json and is skipped
 when the sweep runs again; an interrupted one is resumed from its last.pt. At the
 end the sweep writes results.md, results.csv and scores-vs-parameters.png; with seeds,
@@ -95,8 +97,11 @@ def load_sweep(path: str, extra_overrides: list[str] = ()) -> Sweep:
     overrides = [*overrides, *extra_overrides]
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     points += [dict(p) for p in extra]
-    if not points:
-        raise ConfigError(f"{path}: no points: give a grid or points")
+    names = [_point_name(p) for p in points]  # each point's run folder
+    same = sorted({n for n in names if names.count(n) > 1})
+    if same:  # two points would train into one folder
+        raise ConfigError(f"{path}: point(s) {', '.join(same)} given twice (without a grid, "
+                          "the base config is already the first point, named base)")
     keys = list(dict.fromkeys(k for p in points for k in p))
     name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
     runs_dir = load_config(str(raw["base"]), overrides).train.runs_dir
