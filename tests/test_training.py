@@ -213,6 +213,7 @@ def test_translate_with_a_broken_checkpoint_is_one_line(tmp_path):
 def test_step_checkpoints_come_in_step_order_and_stop_at_upto(tmp_path):
     for step in (1_000_000, 999_999, 1000, 100):  # past six digits names stop sorting
         (tmp_path / step_checkpoint_name(step)).write_bytes(b"")
+    (tmp_path / "step-000100 copy.pt").write_bytes(b"")  # a user's copy: not the run's
     names = [os.path.basename(p) for p in step_checkpoints(str(tmp_path))]
     assert names == [step_checkpoint_name(s) for s in (100, 1000, 999_999, 1_000_000)]
     assert [os.path.basename(p) for p in step_checkpoints(str(tmp_path), upto=999_999)] == [

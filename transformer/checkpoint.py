@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -61,9 +62,12 @@ def step_checkpoint_name(step: int) -> str:
 
 
 def step_checkpoints(run_dir: str, upto: int = 0) -> list[str]:
-    """The step-<step>.pt files of a run, oldest first; with upto, those at or before it."""
-    steps = {path: int(os.path.basename(path)[len("step-"):-len(".pt")])
-             for path in glob.glob(os.path.join(run_dir, "step-*.pt"))}
+    """The step-<step>.pt files of a run, oldest first; with upto, those at or before it.
+    Other files that match step-*.pt (a copy a user made, "step-000100 copy.pt") are not
+    the run's: they are neither averaged nor removed."""
+    steps = {path: int(found.group(1))
+             for path in glob.glob(os.path.join(run_dir, "step-*.pt"))
+             if (found := re.fullmatch(r"step-(\d+)\.pt", os.path.basename(path)))}
     return sorted((path for path, step in steps.items() if not upto or step <= upto),
                   key=steps.get)
 
