@@ -58,8 +58,8 @@ attention:  ## make attention SENTENCE="..." [CKPT=runs/x/best.pt]: heatmaps of 
 probe:  ## make probe [CKPT=runs/x/best.pt] [PROBE=configs/probe.yaml]: pronoun -> noun attention
 	@$(BIN)/transformer-probe $(if $(CKPT),--ckpt $(CKPT)) $(if $(BEAM),--beam $(BEAM)) --file $(PROBE)
 
-plot:  ## make plot RUN=runs/x: loss, BLEU, lr against steps; RUN="runs/a runs/b": compare.png
-	@$(BIN)/transformer-plot $(RUN)
+plot:  ## make plot RUN=runs/x [X=epochs]: loss, BLEU, lr against steps (or epochs); RUN="runs/a runs/b": compare.png
+	@$(BIN)/transformer-plot $(RUN) $(if $(X),--x $(X))
 
 sweep:  ## make sweep [SWEEP=configs/sweep.yaml] [ARGS="data.path=..."] [JOBS=N]: train a grid, tabulate, plot
 	$(BIN)/transformer-sweep $(SWEEP) $(ARGS) $(if $(JOBS),--jobs $(JOBS))

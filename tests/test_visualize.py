@@ -104,6 +104,8 @@ def test_make_plot_of_several_runs_draws_them_side_by_side(tiny_run, tmp_path):
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [str(seeds / "compare.png")], run
         assert open(seeds / "compare.png", "rb").read(4) == b"\x89PNG"
+    r = _make("plot", f"RUN={seeds}", "X=epochs")
+    assert r.returncode == 0 and r.stdout.split() == [str(seeds / "compare.png")], r.stderr
     assert sorted(os.listdir(seeds / "seed-1")) == before  # one figure for all, not one each
     r = _make("plot", f"RUN={seeds}/seed-1 {seeds}/missing")
     assert r.returncode != 0 and f"error: {seeds}/missing: no metrics.jsonl" in r.stderr
@@ -123,6 +125,41 @@ def test_several_runs_are_drawn_one_line_each(tiny_run, tmp_path, monkeypatch):
     plot_runs([tiny_run, str(other)], str(tmp_path))
     assert drawn == {title: ["tiny", "other"] for title in (
         "validation loss", "validation BLEU (greedy)", "gradient norm (before clipping)")}
+
+
+def test_runs_of_different_update_sizes_compare_against_epochs(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from transformer.visualize import epochs_at, plot_runs, pyplot, read_metrics
+
+    runs = [train(load_config(TINY_CONFIG, [
+        f"train.runs_dir={tmp_path}/runs", f"train.name=b{tokens}",
+        f"data.data_dir={tmp_path}/data", f"train.batch_tokens={tokens}", "train.max_steps=20",
+        "train.log_every=1", "train.eval_every=1000", "train.keep_checkpoints=0",
+        "train.device=cpu"]))
+        for tokens in (2048, 4096)]
+    trained = {}
+    for run in runs:
+        records = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if "loss" in r]
+        epochs = [r["epochs"] for r in records]
+        assert all(r["epoch"] - 1 < r["epochs"] <= r["epoch"] for r in records)
+        assert epochs == sorted(set(epochs)) and epochs[-1] > 1  # rising, past an epoch
+        # Runs logged before "epochs" was: worked out from the epoch in progress.
+        older = [{k: v for k, v in r.items() if k != "epochs"} for r in records]
+        assert epochs_at(older) == pytest.approx({r["step"]: r["epochs"] for r in records},
+                                                 abs=1e-3)
+        trained[run] = epochs
+    # Twice the tokens an update, about twice the epochs in as many updates.
+    assert 1.7 < trained[runs[1]][-1] / trained[runs[0]][-1] < 2.3
+
+    pyplot()
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: drawn.update(
+        {ax.get_title(): ([list(line.get_xdata()) for line in ax.get_lines()], ax.get_xlabel())
+         for ax in fig.axes}))
+    plot_runs(runs, str(tmp_path), x="epochs")
+    xs, label = drawn["gradient norm (before clipping)"]
+    assert xs == [trained[run] for run in runs] and label.startswith("epochs")
 
 
 def _sweep_file(tmp_path, name: str, extra: str, budget: str):

@@ -458,13 +458,18 @@ def _plot(argv: list[str]) -> int:
                                             "sweep folder), draw them side by side.")
     p.add_argument("runs", nargs="+", metavar="run",
                    help="run folder holding metrics.jsonl, or a folder of such runs")
-    runs = _run_folders(p.parse_args(argv).runs)
+    p.add_argument("--x", choices=("step", "epochs"), default="step",
+                   help="the x axis: updates, or epochs trained (for runs whose updates "
+                        "differ in size: train.batch_tokens, accumulate, processes)")
+    args = p.parse_args(argv)
+    runs, x = _run_folders(args.runs), args.x
     if len(runs) == 1:
-        paths = _write_somewhere(lambda place: plot_run(runs[0], place), "the plots", runs[0],
-                                 os.path.basename(os.path.normpath(runs[0])))
+        paths = _write_somewhere(lambda place: plot_run(runs[0], place, x), "the plots",
+                                 runs[0], os.path.basename(os.path.normpath(runs[0])))
     else:
         parent = os.path.commonpath([os.path.abspath(r) for r in runs])
-        paths = [_write_somewhere(lambda place: plot_runs(runs, place), "the plot", parent, ".")]
+        paths = [_write_somewhere(lambda place: plot_runs(runs, place, x), "the plot", parent,
+                                  ".")]
     for path in paths:
         print(path)
     return 0

@@ -75,13 +75,14 @@ class Logbook:
                            f"{os.path.join(self.run_dir, 'last.pt')}; try a lower train.lr")
         return loss_sum, skipped, gnorm_sum
 
-    def log_window(self, step: int, epoch: int, lr: float) -> None:
-        """One log line and metrics record for the steps since the last one."""
+    def log_window(self, step: int, epoch: int, epochs: float, lr: float) -> None:
+        """One log line and metrics record for the steps since the last one (epoch: the
+        one in progress; epochs: how many were trained, 12.5 half-way through the 13th)."""
         loss_sum, skipped, gnorm_sum = self.check_health(step)
         seconds = time.time() - self.window_start
         updated = max(step - self.window_step - skipped, 1)
         # gnorm: the mean gradient norm before clipping; a run about to stall shows it first.
-        record = {"step": step, "epoch": epoch,
+        record = {"step": step, "epoch": epoch, "epochs": round(epochs, 3),
                   "loss": round(loss_sum / updated, 4), "gnorm": round(gnorm_sum / updated, 3),
                   "lr": lr, "tokens_per_s": round(self.window_tokens / max(seconds, 1e-9)),
                   "skipped": skipped}

@@ -72,6 +72,7 @@ class Trainer:
         # A resumed run keeps the tokenizer its weights were trained with.
         self.data = self.prepare(None if resume is None else
                                  Tokenizer.from_dict(resume["tokenizer"]))
+        self.updates_per_epoch = len(self.data.train) // (self.dist.world_size * self.t.accumulate)
         self.model = build_model(cfg, self.data.tokenizer).to(self.device)
         if self.dist.rank:  # all start from process 0's weights (DDP copies them)...
             torch.manual_seed(self.t.seed + self.dist.rank)  # ...and draw their own dropout
@@ -152,7 +153,8 @@ class Trainer:
         valid_loss = validation_loss(self.model, self.data.valid, self.device, self.precision)
         bleu, hyps = self.valid_bleu()
         at = self.at
-        record = {"step": at.step, "epoch": at.epoch, "valid_loss": round(valid_loss, 4),
+        record = {"step": at.step, "epoch": at.epoch, "epochs": round(self.epochs(), 3),
+                  "valid_loss": round(valid_loss, 4),
                   "valid_ppl": round(math.exp(min(valid_loss, 50)), 2),
                   "valid_bleu": round(bleu, 2), "minutes": round(self.minutes(), 2)}
         self.logbook.write(record)
@@ -182,6 +184,11 @@ class Trainer:
     def minutes(self) -> float:
         """Minutes trained, before this process started included."""
         return (self.at.elapsed + time.time() - self.start) / 60
+
+    def epochs(self) -> float:
+        """Epochs trained (12.5: half-way through the 13th): the axis on which runs of
+        different update sizes compare (`make plot X=epochs`)."""
+        return self.at.epoch - 1 + self.at.batch_in_epoch / max(self.updates_per_epoch, 1)
 
     def time_is_up(self) -> bool:
         return bool(self.t.max_minutes) and self.minutes() >= self.t.max_minutes
@@ -224,7 +231,8 @@ class Trainer:
             raise Interrupted(f"interrupted at step {step}: saved {path}; resume with "
                               f"`make train RESUME={self.run_dir}`")
         if step % t.log_every == 0:
-            self.logbook.log_window(step, self.at.epoch, self.scheduler.get_last_lr()[0])
+            self.logbook.log_window(step, self.at.epoch, self.epochs(),
+                                    self.scheduler.get_last_lr()[0])
         if t.save_every and step % t.save_every == 0:
             self.save_step_checkpoint()
         if step % t.eval_every == 0:
@@ -240,7 +248,7 @@ class Trainer:
         log.info("run folder %s | device %s, %s | %d threads | %s parameters | %d training "
                  "pairs, %d updates an epoch%s%s", self.run_dir, self.device, self.precision,
                  torch.get_num_threads(), f"{self.model.num_parameters():,}",
-                 len(self.data.train.src), len(self.data.train) // split,
+                 len(self.data.train.src), self.updates_per_epoch,
                  f" | {self.dist.world_size} processes x {t.accumulate} micro-batches of "
                  f"{self.data.train.batch_tokens} tokens an update" if split > 1 else "",
                  f" | resumed at step {self.at.step}" if self.at.step else "")

@@ -165,18 +165,32 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def series(records: list[dict], key: str) -> tuple[list, list]:
-    """The steps and values of one key of a run's records, in step order, the average's
-    record left out. A resumed run may log a step twice: the later record wins."""
+def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    """One key of a run's records against x ("step", or "epochs": epochs trained), in step
+    order, the average's record left out. A resumed run may log a step twice: the later
+    record wins."""
     points = {r["step"]: r[key] for r in records if key in r and "average_of" not in r}
     steps = sorted(points)
-    return steps, [points[s] for s in steps]
+    xs = steps if x == "step" else [epochs_at(records)[s] for s in steps]
+    return xs, [points[s] for s in steps]
 
 
-def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+def epochs_at(records: list[dict]) -> dict[int, float]:
+    """Epochs trained at each step logged: the records' "epochs". Older runs' records
+    lack it; for them it is worked out from the epoch in progress. With U updates an
+    epoch, step s is in epoch ceil(s / U), so U is at least s / epoch, and the largest
+    such ratio logged is U (or just under it; in the first epoch, the last step logged)."""
+    per_epoch = max((r["step"] / r["epoch"] for r in records if r.get("epoch")), default=1)
+    return {r["step"]: r.get("epochs", r["step"] / per_epoch) for r in records if "step" in r}
+
+
+X_LABELS = {"step": "step", "epochs": "epochs (passes over the training data)"}
+
+
+def plot_run(run_dir: str, out_dir: str | None = None, x: str = "step") -> list[str]:
     """loss.png, bleu.png, lr.png and stability.png (loss, gradient norm and learning rate
-    together) against steps, from run_dir/metrics.jsonl, into out_dir (default: the run
-    folder)."""
+    together) against steps (or x="epochs"), from run_dir/metrics.jsonl, into out_dir
+    (default: the run folder)."""
     plt = pyplot()
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -191,10 +205,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     for name, (title, lines) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, key in lines:
-            steps, values = series(records, key)
-            ax.plot(steps, values, label=label, marker="o" if key.startswith("valid") else None,
-                    markersize=3)
-        ax.set_xlabel("step")
+            ax.plot(*series(records, key, x), label=label,
+                    marker="o" if key.startswith("valid") else None, markersize=3)
+        ax.set_xlabel(X_LABELS[x])
         ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: {title}", fontsize=10)
         ax.grid(alpha=0.3)
         if len(lines) > 1:
@@ -204,13 +217,13 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
-    paths.append(_stability(plt, run_dir, out_dir, records))
+    paths.append(_stability(plt, run_dir, out_dir, records, x))
     return paths
 
 
-def _stability(plt, run_dir: str, out_dir: str, records: list[dict]) -> str:
+def _stability(plt, run_dir: str, out_dir: str, records: list[dict], x: str) -> str:
     """stability.png: loss, gradient norm (before clipping) and learning rate, one above
-    the other on one step axis. A run that stalls shows it here: its gradient norm jumps
+    the other on one x axis. A run that stalls shows it here: its gradient norm jumps
     or creeps up as the learning rate peaks, and its loss stops falling."""
     panels = [("loss", [("train", "loss"), ("validation", "valid_loss")]),
               ("gradient norm (before clipping)", [("gnorm", "gnorm")]),
@@ -218,13 +231,12 @@ def _stability(plt, run_dir: str, out_dir: str, records: list[dict]) -> str:
     fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
     for ax, (title, lines) in zip(axes, panels):
         for label, key in lines:
-            steps, values = series(records, key)
-            ax.plot(steps, values, label=label, marker="o" if key.startswith("valid") else None,
-                    markersize=3)
+            ax.plot(*series(records, key, x), label=label,
+                    marker="o" if key.startswith("valid") else None, markersize=3)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(X_LABELS[x])
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)), fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "stability.png")
@@ -233,10 +245,12 @@ def _stability(plt, run_dir: str, out_dir: str, records: list[dict]) -> str:
     return path
 
 
-def plot_runs(run_dirs: list[str], out_dir: str) -> str:
+def plot_runs(run_dirs: list[str], out_dir: str, x: str = "step") -> str:
     """compare.png: several runs side by side (seeds of a recipe, say), one line each, in
-    three panels on one step axis: validation loss, validation BLEU and gradient norm.
-    A seed that stalls stands out: its validation loss stays above the others'."""
+    three panels on one x axis: validation loss, validation BLEU and gradient norm.
+    A seed that stalls stands out: its validation loss stays above the others'. Runs of
+    different update sizes compare against x="epochs": a step of one is not a step of
+    the other."""
     plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     panels = [("validation loss", "valid_loss"), ("validation BLEU (greedy)", "valid_bleu"),
@@ -246,13 +260,13 @@ def plot_runs(run_dirs: list[str], out_dir: str) -> str:
         records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         label = os.path.basename(os.path.normpath(run_dir))
         for ax, (_, key) in zip(axes, panels):
-            ax.plot(*series(records, key), label=label, linewidth=1,
+            ax.plot(*series(records, key, x), label=label, linewidth=1,
                     marker="o" if key.startswith("valid") else None, markersize=2)
     for ax, (title, _) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(X_LABELS[x])
     fig.tight_layout()
     path = os.path.join(out_dir, "compare.png")
     fig.savefig(path, dpi=100)
