@@ -95,6 +95,22 @@ def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(tmp_path, signum):
     assert state["step"] >= 1 and "optimizer" in state
 
 
+def test_a_signal_after_the_command_ended_is_not_a_traceback():
+    # Under torchrun, process 0 reports a dead peer and exits; torchrun's SIGTERM can come
+    # while Python tears down (a progress bar's __del__), where a KeyboardInterrupt from
+    # the command's handler printed a traceback. Once the command has ended, the handlers
+    # it set are gone, whichever way it ended.
+    from transformer.cli import _run
+
+    def fails(argv):
+        raise RunError("no")
+
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    for main in (lambda argv: 0, fails):
+        _run(main, [])
+        assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
+
+
 def test_sigkill_while_saving_leaves_a_readable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     writer = (

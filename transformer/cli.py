@@ -63,8 +63,8 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     ending. Training catches all three itself to save last.pt first.
     """
     _setup_logging()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    before = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM,
+                                                                          signal.SIGHUP)}
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as e:
@@ -82,6 +82,13 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        # The command has ended and said how. A signal from here on (torchrun ending the
+        # other processes of a run whose peer died) ends the process as it would have
+        # before, not as a KeyboardInterrupt with a traceback from whatever Python is
+        # tearing down at that moment (a progress bar's __del__, say).
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def latest_checkpoint(runs_dir: str = "runs") -> str:
