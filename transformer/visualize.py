@@ -171,8 +171,8 @@ def series(records: list[dict], key: str, x: str = "step") -> tuple[list, list]:
     record wins."""
     points = {r["step"]: r[key] for r in records if key in r and "average_of" not in r}
     steps = sorted(points)
-    xs = steps if x == "step" else [epochs_at(records)[s] for s in steps]
-    return xs, [points[s] for s in steps]
+    at = epochs_at(records) if x == "epochs" else {s: s for s in steps}
+    return [at[s] for s in steps], [points[s] for s in steps]
 
 
 def epochs_at(records: list[dict]) -> dict[int, float]:
