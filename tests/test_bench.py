@@ -1,9 +1,16 @@
-"""The decoding benchmark runs end to end (tiny lengths; the figures are in the README)."""
+"""The benchmarks run end to end (tiny sizes; the figures are in the README)."""
 
+import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
+
+import torch
+
+from transformer.batching import BatchIterator
+from transformer.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,3 +27,26 @@ def test_bench_decode_times_each_length(tmp_path):
     assert [row["tokens"] for row in result["lengths"]] == [2, 4]
     assert all(row["cached_s"] > 0 and row["uncached_s"] > 0 for row in result["lengths"])
     assert "4 tokens, batch 1, 1 thread:" in run.stdout
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_times_ours_as_configured_and_like_for_like():
+    bench = load_script("bench_train")
+    rng = random.Random(0)
+    pairs = [([rng.randrange(4, 40) for _ in range(rng.randrange(3, 12))],
+              [rng.randrange(4, 40) for _ in range(rng.randrange(3, 12))]) for _ in range(40)]
+    batches = list(BatchIterator([s for s, _ in pairs], [t for _, t in pairs], 64, True).epoch(1))
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.3, norm="pre",
+                      max_positions=32)
+    r = bench.throughput(cfg, 40, batches[:2], 1, torch.device("cpu"), "fp32")
+    speeds = ("ours_tokens_per_s", "same_dropout_tokens_per_s", "reference_tokens_per_s")
+    assert all(r[k] > 0 for k in speeds)
+    assert r["ratio"] == r["same_dropout_tokens_per_s"] / r["reference_tokens_per_s"]
+    assert r["configured_ratio"] == r["ours_tokens_per_s"] / r["reference_tokens_per_s"]
+    assert r["flops_per_token"] > 0 and r["ours_step_ms"] > 0
