@@ -330,6 +330,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer batches and rounds")
     p.add_argument("--json", default="runs/bench_train.json")
     p.add_argument("--skip-epochs", action="store_true", help="skip the two epoch timings")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="the dropout rate of both sizes in the throughput table (default: "
+                        "each config's)")
     p.add_argument("--profile", choices=["default", "multi30k"],
                    help="only profile one training step of this model size and print where "
                         "the time goes")
@@ -347,7 +350,7 @@ def main() -> int:
     precision = resolve_precision(args.precision, device)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "precision": precision}
+              "precision": precision, "dropout": args.dropout}  # None: each config's
 
     if args.additive:  # the sweep's point: the default config (the Bible) at d_model 128
         from transformer.batching import prepare
@@ -409,6 +412,8 @@ def main() -> int:
     for name in ("default", "multi30k"):
         cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                           [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+        if args.dropout is not None:
+            cfg = dataclasses.replace(cfg, dropout=args.dropout)
         r = throughput(cfg, vocab, sample, 2 if args.quick else 3, device, precision)
         r["fraction_of_peak"] = r["achieved_flops"] / peak
         result[name] = r
