@@ -346,6 +346,8 @@ def main() -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="as train.precision (auto: bf16 on a GPU that has it, else fp32)")
     args = p.parse_args()
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout: expected a value in [0, 1), got {args.dropout}")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,

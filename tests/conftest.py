@@ -26,6 +26,16 @@ def tiny_model(vocab: int = 23, share: bool = True, **overrides) -> Transformer:
     return Transformer(cfg, vocab, vocab, pad_id=0, share_embeddings=share).eval()
 
 
+def toy_pairs(n: int = 300, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """n encoded (source, target) pairs of random lengths 1-39: source ends in </s> (3),
+    target is <s> (2) ... </s>."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (n, 2), generator=g).tolist()
+    src = [list(range(4, 4 + a)) + [3] for a, _ in lengths]
+    tgt = [[2] + list(range(4, 4 + b)) + [3] for _, b in lengths]
+    return src, tgt
+
+
 @pytest.fixture
 def model() -> Transformer:
     return tiny_model()

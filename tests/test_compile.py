@@ -7,23 +7,15 @@ import pytest
 import torch
 
 import transformer.step as step_mod
-from conftest import TINY_CONFIG, tiny_model
+from conftest import TINY_CONFIG, tiny_model, toy_pairs
 from transformer.batching import BatchIterator, collate
 from transformer.config import load_config
 from transformer.step import Criterion, batch_loss, compile_criterion
 from transformer.tokenizer import PAD
 
 
-def _pairs(n=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 40, (n, 2), generator=g).tolist()
-    src = [list(range(4, 4 + a)) + [3] for a, _ in lengths]
-    tgt = [[2] + list(range(4, 4 + b)) + [3] for _, b in lengths]
-    return src, tgt
-
-
 def test_bucketed_batches_come_in_one_shape_per_length_bucket():
-    src, tgt = _pairs()
+    src, tgt = toy_pairs()
     it = BatchIterator(src, tgt, 512, shuffle=True, seed=1, bucket=16)
     batches = list(it.epoch(1))
     shapes = {tuple(b.src.shape) for b in batches} | {tuple(b.tgt_in.shape) for b in batches}
@@ -38,7 +30,7 @@ def test_bucketed_batches_come_in_one_shape_per_length_bucket():
 
 def test_padding_a_batch_to_its_bucket_changes_neither_loss_nor_gradients():
     model = tiny_model(vocab=50, dropout=0.0).train()
-    src, tgt = _pairs(6, seed=2)
+    src, tgt = toy_pairs(6, seed=2)
     src = [[min(x, 49) for x in s] for s in src]
     tgt = [[min(x, 49) for x in t] for t in tgt]
 
@@ -64,7 +56,7 @@ def test_compiled_loss_equals_eager_and_compiles_once_per_shape(monkeypatch):
     counters.clear()
     model = tiny_model(vocab=50, dropout=0.0).train()
     forward = compile_criterion(Criterion(model, 0.1, chunk=0))
-    src, tgt = _pairs(40, seed=3)
+    src, tgt = toy_pairs(40, seed=3)
     src = [[min(x, 49) for x in s] for s in src]
     tgt = [[min(x, 49) for x in t] for t in tgt]
     batches = list(BatchIterator(src, tgt, 256, shuffle=True, seed=1, bucket=16).epoch(1))
