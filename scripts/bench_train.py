@@ -15,6 +15,7 @@ On the CPU, or on a GPU when there is one (--device), at train.precision's choic
 
     python scripts/bench_train.py [--quick] [--device cuda] [--precision bf16]
     python scripts/bench_train.py --profile multi30k   # where a training step's time goes
+    python scripts/bench_train.py --profile default --reference --dropout 0.1   # and nn.Transformer's
     python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
     python scripts/bench_train.py --additive           # the two score functions' step time
 """
@@ -268,25 +269,37 @@ def peak_memory_of_train() -> float:
     return kb / 1024
 
 
-def profile(name: str, vocab: int, batches: list, device: torch.device, precision: str) -> int:
+def profile(name: str, vocab: int, batches: list, device: torch.device, precision: str,
+            dropout: float | None = None, reference: bool = False) -> int:
     """torch.profiler's table of three training steps, operators by their own time on the
-    device (CPU or GPU)."""
+    device (CPU or GPU); with reference, a table for ours with nn.Transformer's dropout
+    placement and one for nn.Transformer, the two models of the like-for-like ratio."""
     from torch.profiler import profile as torch_profile
 
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
                       [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
-    model = Transformer(cfg, vocab, vocab, share_embeddings=True).to(device).train()
-    step = step_fn(model, device, precision)
+    if dropout is not None:
+        cfg = dataclasses.replace(cfg, dropout=dropout)
+    if reference:
+        same = dataclasses.replace(cfg, attn_dropout=cfg.dropout, ff_dropout=cfg.dropout)
+        models = {"ours, nn.Transformer's dropout placement":
+                  Transformer(same, vocab, vocab, share_embeddings=True),
+                  "nn.Transformer": Reference(cfg, vocab)}
+    else:
+        models = {"ours": Transformer(cfg, vocab, vocab, share_embeddings=True)}
     batches = [b.to(device) for b in batches[:5]]
-    for b in batches[:2]:
-        step(b)
-    synchronize(device)
-    with torch_profile() as prof:
-        for b in batches[2:5]:
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for title, model in models.items():
+        step = step_fn(model.to(device).train(), device, precision)
+        for b in batches[:2]:
             step(b)
         synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+        with torch_profile() as prof:
+            for b in batches[2:5]:
+                step(b)
+            synchronize(device)
+        print(f"{title}, {name} size, dropout {cfg.dropout}, three steps:")
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
     return 0
 
 
@@ -336,6 +349,9 @@ def main() -> int:
     p.add_argument("--profile", choices=["default", "multi30k"],
                    help="only profile one training step of this model size and print where "
                         "the time goes")
+    p.add_argument("--reference", action="store_true",
+                   help="with --profile: profile ours with nn.Transformer's dropout placement "
+                        "and nn.Transformer, one after the other")
     p.add_argument("--loss", choices=["default", "multi30k"],
                    help="only time the output projection and loss, whole batch against chunks")
     p.add_argument("--additive", action="store_true",
@@ -348,6 +364,8 @@ def main() -> int:
     args = p.parse_args()
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout: expected a value in [0, 1), got {args.dropout}")
+    if args.reference and not args.profile:
+        p.error("--reference: only with --profile default or --profile multi30k")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -393,7 +411,7 @@ def main() -> int:
 
     if args.profile:
         return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)),
-                       device, precision)
+                       device, precision, args.dropout, args.reference)
     if args.loss:
         return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
 

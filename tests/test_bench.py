@@ -47,3 +47,14 @@ def test_bench_train_times_ours_as_configured_and_like_for_like():
     assert r["ratio"] == r["same_dropout_tokens_per_s"] / r["reference_tokens_per_s"]
     assert r["configured_ratio"] == r["ours_tokens_per_s"] / r["reference_tokens_per_s"]
     assert r["flops_per_token"] > 0 and r["ours_step_ms"] > 0
+
+
+def test_bench_profile_of_both_models_prints_a_table_for_each(capsys):
+    bench = load_script("bench_train")
+    batches = list(BatchIterator(*toy_pairs(60), 256, shuffle=True).epoch(1))
+    assert bench.profile("default", 50, batches, torch.device("cpu"), "fp32", dropout=0.2,
+                         reference=True) == 0
+    out = capsys.readouterr().out
+    assert "ours, nn.Transformer's dropout placement, default size, dropout 0.2" in out
+    assert "nn.Transformer, default size, dropout 0.2" in out
+    assert out.count("Self CPU time total") == 2
