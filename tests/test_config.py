@@ -96,6 +96,10 @@ def test_overrides_are_typed():
     ("decode:\n  max_len_a: .inf\n", r"decode.max_len_a: expected a finite number"),
     ("train:\n  lr: .nan\n", r"train.lr: expected a finite number, got nan"),
     ("train:\n  lr: fast\n", r"train.lr: expected float, got 'fast'"),
+    ("train:\n  betas: 0.999\n", r"train.betas: expected a list of numbers, got 0.999"),
+    ("train:\n  betas: [0.9, x]\n", r"train.betas: expected float, got 'x'"),
+    ("train:\n  betas: [0.9, .inf]\n", r"train.betas: expected a finite number, got inf"),
+    ("train:\n  betas: [0.9]\n", r"train.betas: expected two numbers in \[0, 1\)"),
     ("- just\n- a list\n", r"expected a mapping"),
 ])
 def test_bad_values_raise_one_error_naming_file_and_key(tmp_path, text, message):

@@ -219,6 +219,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
+    if tp is tuple:
+        return "a list of numbers"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -250,12 +252,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # YAML reads `src_lang: 4` as an int; a language code is text either way.
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)
         value = str(value) if ok else value
-    elif tp is tuple:
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value
-        )
-        value = tuple(float(v) for v in value) if ok else value
+    elif tp is tuple:  # a list of numbers, each checked as a float
+        ok = isinstance(value, (list, tuple))
+        value = tuple(_coerce(v, float, where) for v in value) if ok else value
     if not ok:
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
