@@ -15,7 +15,7 @@ On the CPU, or on a GPU when there is one (--device), at train.precision's choic
 
     python scripts/bench_train.py [--quick] [--device cuda] [--precision bf16]
     python scripts/bench_train.py --profile multi30k   # where a training step's time goes
-    python scripts/bench_train.py --profile default --reference --dropout 0.1   # and nn.Transformer's
+    python scripts/bench_train.py --profile default --reference --dropout 0.1   # and the reference
     python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
     python scripts/bench_train.py --additive           # the two score functions' step time
 """
