@@ -83,6 +83,19 @@ class Reference(nn.Module):
         return F.linear(hidden, self.emb.weight)
 
 
+def size_config(name: str, dropout: float | None = None) -> ModelConfig:
+    """The model section of configs/<name>.yaml, with one dropout rate if given."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                      [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+    return cfg if dropout is None else dataclasses.replace(cfg, dropout=dropout)
+
+
+def with_reference_dropout(cfg: ModelConfig) -> ModelConfig:
+    """cfg with nn.Transformer's dropout placement: its one rate on the attention weights
+    and inside the feed-forward layer too (the like-for-like model)."""
+    return dataclasses.replace(cfg, attn_dropout=cfg.dropout, ff_dropout=cfg.dropout)
+
+
 def step_fn(model, device: torch.device, precision: str):
     """One training step, the project's own `train_step` (loss, clipping, fused Adam,
     precision), for either model: both have `hidden` and `generator`."""
@@ -132,8 +145,8 @@ def throughput(cfg: ModelConfig, vocab: int, batches: list, rounds: int, device:
     """
     torch.manual_seed(0)
     ours = Transformer(cfg, vocab, vocab, share_embeddings=True).to(device).train()
-    same = dataclasses.replace(cfg, attn_dropout=cfg.dropout, ff_dropout=cfg.dropout)
-    ours_same = Transformer(same, vocab, vocab, share_embeddings=True).to(device).train()
+    ours_same = Transformer(with_reference_dropout(cfg), vocab, vocab,
+                            share_embeddings=True).to(device).train()
     ref = Reference(cfg, vocab).to(device).train()
     steps = {"ours": step_fn(ours, device, precision),
              "same_dropout": step_fn(ours_same, device, precision),
@@ -276,14 +289,10 @@ def profile(name: str, vocab: int, batches: list, device: torch.device, precisio
     placement and one for nn.Transformer, the two models of the like-for-like ratio."""
     from torch.profiler import profile as torch_profile
 
-    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
-                      [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
-    if dropout is not None:
-        cfg = dataclasses.replace(cfg, dropout=dropout)
+    cfg = size_config(name, dropout)
     if reference:
-        same = dataclasses.replace(cfg, attn_dropout=cfg.dropout, ff_dropout=cfg.dropout)
         models = {"ours, nn.Transformer's dropout placement":
-                  Transformer(same, vocab, vocab, share_embeddings=True),
+                  Transformer(with_reference_dropout(cfg), vocab, vocab, share_embeddings=True),
                   "nn.Transformer": Reference(cfg, vocab)}
     else:
         models = {"ours": Transformer(cfg, vocab, vocab, share_embeddings=True)}
@@ -306,8 +315,7 @@ def profile(name: str, vocab: int, batches: list, device: torch.device, precisio
 def loss_speed(name: str, vocab: int, batches: list, rounds: int = 5) -> int:
     """The output projection and loss of a batch, forward and backward: the logits of the
     whole batch at once against train.loss_fn's chunks of real tokens, interleaved."""
-    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
-                      [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
+    cfg = size_config(name)
     model = Transformer(cfg, vocab, vocab, share_embeddings=True).train()
     torch.manual_seed(0)
     work = [(torch.randn(*b.tgt_out.shape, cfg.d_model, requires_grad=True), b.tgt_out)
@@ -430,11 +438,8 @@ def main() -> int:
           f"{'nn.Transformer':>15} {'ratio':>6} {'config':>6} {'GFLOP/s':>8} {'of peak':>8}"
           + (f" {'peak GB':>8}" if gpu else ""))
     for name in ("default", "multi30k"):
-        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
-                          [f"data.path={MULTI30K}"] if name == "multi30k" else []).model
-        if args.dropout is not None:
-            cfg = dataclasses.replace(cfg, dropout=args.dropout)
-        r = throughput(cfg, vocab, sample, 2 if args.quick else 3, device, precision)
+        r = throughput(size_config(name, args.dropout), vocab, sample, 2 if args.quick else 3,
+                       device, precision)
         r["fraction_of_peak"] = r["achieved_flops"] / peak
         result[name] = r
         print(f"{name:10} {r['params'] / 1e6:7.2f}M {r['ours_step_ms']:8.1f} "
@@ -467,8 +472,7 @@ def main() -> int:
           f"{random_eff:.1%}, padded to few shapes for train.compile {compiled_eff:.1%} "
           f"({len(compiled)} an epoch, {len(shapes)} shapes)")
     if not args.skip_epochs:
-        cfg = load_config(os.path.join(ROOT, "configs", "multi30k.yaml"),
-                          [f"data.path={MULTI30K}"]).model
+        cfg = size_config("multi30k")
         ours_s, ours_share = epoch_time(cfg, vocab, ours_batches.epoch(1), device, precision)
         rand_s, rand_share = epoch_time(cfg, vocab, random_batches(src, tgt, 128), device,
                                         precision)
