@@ -188,6 +188,11 @@ def test_end_to_end_train_translate_evaluate_with_make(tmp_path):
     r = _make("evaluate", f"CKPT={run / 'average.pt'}", "BEAM=3")
     assert r.returncode == 0, r.stderr
     assert "beam 3" in r.stdout and (run / "average.test.beam3.hyp.txt").exists()
+    r = _make("evaluate", f"CKPT={run / 'average.pt'}", "BEAM=3", "ARGS=decode.length_penalty=1.5")
+    assert r.returncode == 0, r.stderr
+    assert "length penalty 1.5" in r.stdout
+    assert (run / "average.test.beam3.lp1.5.hyp.txt").exists()
+    assert (run / "average.test.beam3.hyp.txt").exists()  # length penalty 1's, kept
 
 
 def test_missing_corpus_is_one_line_before_any_work(tmp_path):

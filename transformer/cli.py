@@ -319,7 +319,10 @@ def _evaluate_checkpoint(ckpt: str, args) -> dict:
     device, precision = _device_and_precision(args.device, cfg)
     model.to(device)
     beam = cfg.decode.beam_size
-    search = "greedy" if beam == 1 else f"beam {beam}, length penalty {cfg.decode.length_penalty}"
+    lp = cfg.decode.length_penalty
+    search = "greedy" if beam == 1 else f"beam {beam}, length penalty {lp}"
+    # In the file's name, so that another search setting does not overwrite its hypotheses.
+    setting = "" if beam == 1 else f".beam{beam}" + ("" if lp == 1.0 else f".lp{lp:g}")
     scores = {}
     for split in args.split:
         src, refs = columns(corpus[split])
@@ -331,8 +334,7 @@ def _evaluate_checkpoint(ckpt: str, args) -> dict:
         hyps = translate(model, tokenizer, src, cfg.decode, device, precision=precision)
         seconds = time.time() - start
         out = os.path.join(os.path.dirname(ckpt) or ".",
-                           f"{os.path.splitext(os.path.basename(ckpt))[0]}.{split}"
-                           f"{'' if beam == 1 else f'.beam{beam}'}.hyp.txt")
+                           f"{os.path.splitext(os.path.basename(ckpt))[0]}.{split}{setting}.hyp.txt")
         scores[split] = s = score(hyps, refs, tokenized, cfg.data.tgt_lang)
         print(f"{ckpt} (step {state['step']}) on {cfg.data.corpus} {split}: "
               f"{len(hyps)} sentences, {search}, translated in {seconds:.1f} s")
