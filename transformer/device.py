@@ -43,8 +43,8 @@ def resolve_precision(name: str, device: torch.device, strict: bool = True) -> s
     the device cannot give the precision, instead of raising.
 
     On the CPU 'auto' stays fp32: on a CPU with AVX512-BF16, bf16 trained the Multi30k
-    model 1.2x faster but ended 0.8 BLEU lower after 2,000 steps (README, "What a run
-    costs"); on CPUs without it, bf16 is emulated and slower.
+    recipe to the same BLEU as fp32 but 11% slower (README, "What a run costs"); on CPUs
+    without it, bf16 is emulated and slower still.
     """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
