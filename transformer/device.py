@@ -42,9 +42,8 @@ def resolve_precision(name: str, device: torch.device, strict: bool = True) -> s
     strict=False (translating with a model trained elsewhere) falls back to fp32 where
     the device cannot give the precision, instead of raising.
 
-    On the CPU 'auto' stays fp32: on a CPU with AVX512-BF16, bf16 trained the Multi30k
-    recipe to the same BLEU as fp32 but 11% slower (README, "What a run costs"); on CPUs
-    without it, bf16 is emulated and slower still.
+    On the CPU 'auto' stays fp32: bf16 trains no faster there, even on a CPU with
+    AVX512-BF16, and is emulated without it (measured in README, "What a run costs").
     """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
