@@ -1,12 +1,14 @@
 """Devices and precisions: what runs where, what stays float32, and CUDA when present."""
 
 import json
+import logging
 import os
 
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, tiny_model
+from transformer import device
 from transformer.batching import pad
 from transformer.checkpoint import load_checkpoint
 from transformer.config import load_config
@@ -35,6 +37,27 @@ def test_auto_precision_is_fp32_on_the_cpu_and_fp16_needs_a_gpu():
     with pytest.raises(DeviceError, match="train.precision: fp16 needs a CUDA device"):
         resolve_precision("fp16", cpu)
     assert resolve_precision("fp16", cpu, strict=False) == "fp32"  # translating elsewhere
+
+
+def test_the_cpu_says_whether_it_has_bf16_kernels():
+    assert isinstance(device.cpu_has_bf16_kernels(), bool)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_bf16_on_a_cpu_that_only_emulates_it_warns_and_translates_at_fp32(
+        monkeypatch, caplog, kernels):
+    monkeypatch.setattr(device, "cpu_has_bf16_kernels", lambda: kernels)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="transformer.device"):
+        assert resolve_precision("bf16", cpu) == "bf16"  # training: as asked
+        assert resolve_precision("auto", cpu) == "fp32"
+    warnings = [r.getMessage() for r in caplog.records]
+    if kernels:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(
+            "train.precision: bf16 is emulated on this CPU")
+    assert resolve_precision("bf16", cpu, strict=False) == ("bf16" if kernels else "fp32")
 
 
 def test_bf16_training_keeps_float32_weights_and_follows_the_fp32_losses(tmp_path):

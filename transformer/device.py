@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DeviceError(RuntimeError):
@@ -36,14 +39,27 @@ def pick_device(name: str) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 matrix multiplies for this CPU (AVX-512 or Arm's BF16).
+
+    Without them torch emulates bf16, many times slower than fp32. True when torch
+    cannot tell.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def resolve_precision(name: str, device: torch.device, strict: bool = True) -> str:
     """'auto' -> 'bf16' on a GPU that has it, else 'fp32'; the others as they are.
 
     strict=False (translating with a model trained elsewhere) falls back to fp32 where
-    the device cannot give the precision, instead of raising.
+    the device cannot give the precision, or only emulates it, instead of raising.
 
     On the CPU 'auto' stays fp32: bf16 trains no faster there, even on a CPU with
-    AVX512-BF16, and is emulated without it (measured in README, "What a run costs").
+    AVX512-BF16, and is emulated without AVX-512 (measured in README, "What a run
+    costs"); training at bf16 on such a CPU says so in one line and goes on.
     """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -56,6 +72,11 @@ def resolve_precision(name: str, device: torch.device, strict: bool = True) -> s
         problem = "this GPU has no bf16; use fp16 or fp32"
     if problem and strict:
         raise DeviceError(f"train.precision: {problem}")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_bf16_kernels():
+        if not strict:
+            return "fp32"
+        log.warning("train.precision: bf16 is emulated on this CPU (no AVX-512 or Arm BF16), "
+                    "many times slower than fp32; fp32 or auto trains faster")
     return "fp32" if problem else name
 
 
