@@ -18,6 +18,7 @@ On the CPU, or on a GPU when there is one (--device), at train.precision's choic
     python scripts/bench_train.py --profile default --reference --dropout 0.1   # and the reference
     python scripts/bench_train.py --loss multi30k      # the loss: whole batch against chunks
     python scripts/bench_train.py --additive           # the two score functions' step time
+    python scripts/bench_train.py --keep-memory        # training steps with freed memory kept
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.batching import COMPILE_BUCKET, BatchIterator, collate
 from transformer.config import ModelConfig, TrainConfig, load_config
 from transformer.data import columns, load_corpus
-from transformer.device import DTYPES, pick_device, resolve_precision, synchronize
+from transformer.device import (
+    DTYPES,
+    keep_freed_memory,
+    pick_device,
+    resolve_precision,
+    synchronize,
+)
 from transformer.layers import PositionalEncoding
 from transformer.model import Transformer
 from transformer.step import LOSS_CHUNK, Totals, loss_fn, make_optimizer, train_step
@@ -346,6 +353,46 @@ def loss_speed(name: str, vocab: int, batches: list, rounds: int = 5) -> int:
     return 0
 
 
+def kept_memory_steps(how: str, vocab: int, batches: list) -> None:
+    """In this fresh process, training steps of the multi30k model with freed memory given
+    back to the kernel as glibc does by default (plain) or kept (keep_freed_memory, as
+    transformer-train does); prints ms a step, page faults and the kernel's seconds."""
+    if how == "keep":
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = Transformer(size_config("multi30k"), vocab, vocab, share_embeddings=True).train()
+    step = step_fn(model, torch.device("cpu"), "fp32")
+    for b in batches[:4]:
+        step(b)
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for b in batches[4:]:
+        step(b)
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"step_ms": 1000 * seconds / len(batches[4:]),
+                      "page_faults": after.ru_minflt - before.ru_minflt,
+                      "system_s": after.ru_stime - before.ru_stime}))
+
+
+def kept_memory(rounds: int = 2) -> int:
+    """Training steps with and without keep_freed_memory, each in a fresh process,
+    alternated: the cost of page faults in a step."""
+    print("multi30k model, 12 training steps of 8,192-token Multi30k batches, "
+          f"{torch.get_num_threads()} threads, each run a fresh process:")
+    print(f"{'freed memory':14} {'step ms':>8} {'page faults':>12} {'kernel s':>9}")
+    ms = {"plain": [], "keep": []}
+    for _ in range(rounds):
+        for how in ("plain", "keep"):
+            r = subprocess.run([sys.executable, __file__, "--kept-memory-steps", how], cwd=ROOT,
+                               check=True, capture_output=True, text=True)
+            row = json.loads(r.stdout.splitlines()[-1])
+            ms[how].append(row["step_ms"])
+            print(f"{'kept' if how == 'keep' else 'given back':14} {row['step_ms']:8.0f} "
+                  f"{row['page_faults']:12,} {row['system_s']:9.2f}")
+    print(f"kept: {statistics.median(ms['plain']) / statistics.median(ms['keep']):.2f}x "
+          "as fast (medians)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer batches and rounds")
@@ -366,6 +413,9 @@ def main() -> int:
                    help="only time a training step with the dot product, the additive score, "
                         "and the additive score as the formula reads")
     p.add_argument("--step-memory", choices=list(SCORE_VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--keep-memory", action="store_true",
+                   help="only time training steps with freed memory kept and given back")
+    p.add_argument("--kept-memory-steps", choices=["plain", "keep"], help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="as train.precision (auto: bf16 on a GPU that has it, else fp32)")
@@ -422,6 +472,13 @@ def main() -> int:
                        device, precision, args.dropout, args.reference)
     if args.loss:
         return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
+    if args.kept_memory_steps:  # one run of kept_memory, in this fresh process
+        kept_memory_steps(args.kept_memory_steps, vocab,
+                          list(BatchIterator(src, tgt, 8192, True).epoch(1))[:16])
+        return 0
+    if args.keep_memory:
+        return kept_memory()
+    keep_freed_memory()  # as transformer-train does
 
     peak = matmul_peak(device, precision)
     result["matmul_peak_flops"] = peak

@@ -9,11 +9,13 @@
   CPU, each CUDA device), so that a resumed run draws the same dropout masks as an
   uninterrupted one.
 - `set_deterministic`: the switches that make CUDA kernels repeat bit for bit.
+- `keep_freed_memory`: the CPU's freed tensors stay with the process for the next step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -135,3 +137,23 @@ def set_deterministic(on: bool) -> None:
     # path (the same attention, written as matrix multiplies and a softmax) does not.
     torch.backends.cuda.enable_flash_sdp(not on)
     torch.backends.cuda.enable_mem_efficient_sdp(not on)
+
+
+def keep_freed_memory() -> None:
+    """Keep the memory of freed tensors in the process, for the next step to reuse.
+
+    A training step allocates and frees the same large tensors every time (a chunk's
+    logits alone are 16 MB). glibc's malloc gives memory above a threshold back to
+    the kernel when it is freed, so the next step gets fresh pages, and the kernel
+    faults in and zeroes each 4 KB page again: on a 2-core CPU that was a sixth of a
+    Multi30k step (README, "What a run costs"). Raising the two thresholds keeps
+    those pages; the process holds about its peak memory, which it reaches every
+    step anyway. A no-op where the C library is not glibc (macOS, Windows, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameters, from <malloc.h>
+    mallopt(m_mmap_threshold, 256 << 20)  # blocks below 256 MB come from the heap...
+    mallopt(m_trim_threshold, 1 << 30)  # ...which is given back only above 1 GB free

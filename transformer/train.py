@@ -24,7 +24,13 @@ from .batching import prefetch, prepare
 from .checkpoint import load_checkpoint
 from .config import Config, save_config
 from .decode import translate
-from .device import pick_device, resolve_precision, rng_state, set_deterministic
+from .device import (
+    keep_freed_memory,
+    pick_device,
+    resolve_precision,
+    rng_state,
+    set_deterministic,
+)
 from .distributed import Distributed, Stopped, lost_peer
 from .evaluate import score
 from .logbook import Logbook
@@ -64,6 +70,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)  # the CPU and every CUDA device
         if self.t.threads:
             torch.set_num_threads(self.t.threads)
+        keep_freed_memory()
         self.device = self.dist.device(pick_device(self.t.device))
         self.precision = resolve_precision(self.t.precision, self.device)
         set_deterministic(self.t.deterministic)
