@@ -467,11 +467,6 @@ def main() -> int:
     src, tgt = tok.encode_src(src_text), tok.encode_tgt(tgt_text)
     vocab = tok.src_vocab
 
-    if args.profile:
-        return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)),
-                       device, precision, args.dropout, args.reference)
-    if args.loss:
-        return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
     if args.kept_memory_steps:  # one run of kept_memory, in this fresh process
         kept_memory_steps(args.kept_memory_steps, vocab,
                           list(BatchIterator(src, tgt, 8192, True).epoch(1))[:16])
@@ -479,6 +474,12 @@ def main() -> int:
     if args.keep_memory:
         return kept_memory()
     keep_freed_memory()  # as transformer-train does
+
+    if args.profile:
+        return profile(args.profile, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1)),
+                       device, precision, args.dropout, args.reference)
+    if args.loss:
+        return loss_speed(args.loss, vocab, list(BatchIterator(src, tgt, 4096, True).epoch(1))[:8])
 
     peak = matmul_peak(device, precision)
     result["matmul_peak_flops"] = peak
