@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 
@@ -87,7 +88,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(os.uname().sysname != "Linux", reason="glibc's malloc on Linux")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_kept_memory_spares_the_page_faults_of_a_loss_step():
     # The output projection and loss, forward and backward, 10 times: glibc gives each
     # large freed tensor back to the kernel, and faults fresh pages in for the next
@@ -96,6 +97,7 @@ def test_kept_memory_spares_the_page_faults_of_a_loss_step():
                                       capture_output=True, text=True).stdout)
               for how in ("plain", "keep")}
     assert faults["keep"] < faults["plain"] / 4, faults
+
 
 def test_bf16_training_keeps_float32_weights_and_follows_the_fp32_losses(tmp_path):
     common = ["train.device=cpu", "train.max_steps=60", "model.dropout=0.0"]
