@@ -364,10 +364,9 @@ def kept_memory_steps(how: str, vocab: int, batches: list) -> None:
     step = step_fn(model, torch.device("cpu"), "fp32")
     for b in batches[:4]:
         step(b)
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for b in batches[4:]:
-        step(b)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = timed(step, batches[4:], torch.device("cpu"))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"step_ms": 1000 * seconds / len(batches[4:]),
                       "page_faults": after.ru_minflt - before.ru_minflt,
                       "system_s": after.ru_stime - before.ru_stime}))
