@@ -1,4 +1,4 @@
-"""The benchmarks run end to end (tiny sizes; the figures are in the README)."""
+"""The benchmarks run end to end (tiny sizes; the figures are in docs/cpu-speed.md)."""
 
 import importlib.util
 import json

@@ -60,8 +60,8 @@ def resolve_precision(name: str, device: torch.device, strict: bool = True) -> s
     the device cannot give the precision, or only emulates it, instead of raising.
 
     On the CPU 'auto' stays fp32: bf16 trains no faster there, even on a CPU with
-    AVX512-BF16, and is emulated without AVX-512 (measured in README, "What a run
-    costs"); training at bf16 on such a CPU says so in one line and goes on.
+    AVX512-BF16, and is emulated without AVX-512 (measured in docs/cpu-speed.md);
+    training at bf16 on such a CPU says so in one line and goes on.
     """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -145,10 +145,10 @@ def keep_freed_memory() -> None:
     A training step allocates and frees the same large tensors every time (a chunk's
     logits alone are 16 MB). glibc's malloc gives memory above a threshold back to
     the kernel when it is freed, so the next step gets fresh pages, and the kernel
-    faults in and zeroes each 4 KB page again: on a 2-core CPU that was a sixth of a
-    Multi30k step (README, "What a run costs"). Raising the two thresholds keeps
-    those pages; the process holds about its peak memory, which it reaches every
-    step anyway. A no-op where the C library is not glibc (macOS, Windows, musl).
+    faults in and zeroes each 4 KB page again (what that cost: docs/cpu-speed.md).
+    Raising the two thresholds keeps those pages; the process holds about its peak
+    memory, which it reaches every step anyway.
+    A no-op where the C library is not glibc (macOS, Windows, musl).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
