@@ -204,8 +204,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """Adam as in section 5.3, fused: one kernel for every parameter, on the CPU and CUDA.
 
     Fused Adam is also what lets a non-finite step be skipped without a host wait
-    (train_step). On the 2-core CPU a run with it gives the losses of the for-loop Adam it
-    replaced, to four decimals, at the same speed (README, "On a GPU").
+    (train_step). On the CPU it gives the losses of the for-loop Adam it replaced
+    (README, "On a GPU").
     """
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-9,
                             weight_decay=cfg.weight_decay, fused=True)
