@@ -48,7 +48,8 @@ def test_shipped_sweep_files_load():
     sweeps = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
                     if "base:" in open(os.path.join(ROOT, "configs", f)).read())
     assert {"sweep.yaml", "multi30k-seeds.yaml", "multi30k-norm.yaml",
-            "multi30k-batch.yaml", "multi30k-dropout.yaml"} <= set(sweeps)
+            "multi30k-batch.yaml", "multi30k-dropout.yaml",
+            "multi30k-vocab.yaml"} <= set(sweeps)
     for name in sweeps:  # every run of every point is checked as its config is built
         sweep = load_sweep(os.path.join(ROOT, "configs", name),
                            ["data.path=" + os.path.join(ROOT, "tests", "toy_corpus")])
