@@ -111,6 +111,25 @@ def test_a_signal_after_the_command_ended_is_not_a_traceback():
         assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before
 
 
+def test_a_signal_while_the_command_says_how_it_ended_is_not_a_traceback():
+    # The same SIGTERM can come a moment earlier, while process 0 prints its error line:
+    # here the error's own text sends it, so that it comes at that moment every time.
+    code = ("import os, signal, sys\n"
+            "from transformer.cli import _run\n"
+            "from transformer.runs import RunError\n"
+            "class Late(RunError):\n"
+            "    def __str__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        return 'a peer died'\n"
+            "def main(argv):\n"
+            "    raise Late()\n"
+            "sys.exit(_run(main, []))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_sigkill_while_saving_leaves_a_readable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     writer = (
