@@ -52,12 +52,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-_ended = False  # whether the running command has ended (see _run)
-
-
 def _interrupt(signum, frame):
-    if _ended:  # too late to interrupt: end as the signal would by default, without a word
-        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
@@ -68,20 +63,20 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     code runs (temporary files, half-trained tokenizers) instead of the process just
     ending. Training catches all three itself to save last.pt first.
     """
-    global _ended
     _setup_logging()
-    _ended = False
     before = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM,
                                                                           signal.SIGHUP)}
     try:
         try:
             return main(sys.argv[1:] if argv is None else argv)
         finally:
-            # The command has ended. A signal from here on (torchrun ending the other
-            # processes of a run whose peer died) ends the process as it would have by
-            # default, not as a KeyboardInterrupt with a traceback from wherever Python is:
-            # saying how the command ended, or tearing down (a progress bar's __del__).
-            _ended = True
+            # The command has ended: the handlers as they were, before it says how. A
+            # signal from here on (torchrun ending the other processes of a run whose peer
+            # died) ends the process as it would have before, not as a KeyboardInterrupt
+            # with a traceback from wherever Python is: printing how the command ended, or
+            # tearing down (a progress bar's __del__).
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,9 +92,6 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:  # the handlers as they were, for a caller that runs more than one command
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 def latest_checkpoint(runs_dir: str = "runs") -> str:
