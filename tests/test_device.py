@@ -92,11 +92,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_kept_memory_spares_the_page_faults_of_a_loss_step():
     # The output projection and loss, forward and backward, 10 times: glibc gives each
     # large freed tensor back to the kernel, and faults fresh pages in for the next
-    # (about 200,000 faults here); kept, the next step reuses them.
-    faults = {how: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, how], check=True,
-                                      capture_output=True, text=True).stdout)
-              for how in ("plain", "keep")}
-    assert faults["keep"] < faults["plain"] / 4, faults
+    # (130,000 to 260,000 faults here); kept, the next step reuses them (0 to 24,000).
+    # Now and then a plain process lands on a heap layout that glibc does not trim (once
+    # 8,000 faults), so each way is the median of three processes.
+    def faults(how: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, how], check=True,
+                                  capture_output=True, text=True).stdout)
+
+    median = {how: sorted(faults(how) for _ in range(3))[1] for how in ("plain", "keep")}
+    assert median["keep"] < median["plain"] / 4, median
 
 
 def test_bf16_training_keeps_float32_weights_and_follows_the_fp32_losses(tmp_path):
