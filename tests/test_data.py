@@ -1,5 +1,6 @@
 """Corpora (local files, Bible database, Hub fallback), tokenizer cache and batching."""
 
+import dataclasses
 import gzip
 import os
 import random
@@ -13,7 +14,7 @@ from conftest import MULTI30K, TOY
 from transformer.batching import BatchIterator, token_batches
 from transformer.config import DataConfig
 from transformer.data import DataError, clean_verse, load_bible, load_corpus, load_local
-from transformer.tokenizer import BOS, EOS, load_or_train
+from transformer.tokenizer import BOS, EOS, Tokenizer, load_or_train
 
 
 def test_local_parallel_files_plain_and_gzipped(tmp_path):
@@ -145,6 +146,20 @@ def test_tokenizer_is_trained_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(tok_mod, "_train_one", lambda *a: pytest.fail("retrained"))
     again = load_or_train(cfg, src, tgt)
     assert again.to_dict() == tok.to_dict()
+
+
+def test_a_lowercasing_tokenizer_learns_and_reads_lowercased_text(tmp_path):
+    src, tgt = ["Two Dogs run.", "A Dog sleeps."] * 20, ["Zwei Hunde rennen.", "Ein Hund."] * 20
+    cfg = DataConfig(corpus="files", path=TOY, src_lang="en", tgt_lang="de", vocab_size=40,
+                     data_dir=str(tmp_path), lowercase=True)
+    tok = load_or_train(cfg, src, tgt)
+    pieces = [tok.src.id_to_piece(i) for i in range(tok.src_vocab)]
+    assert not any(p.lower() != p for p in pieces)  # trained on lowercased text
+    assert tok.encode_src(["Two DOGS run."]) == tok.encode_src(["two dogs run."])
+    assert tok.decode_tgt([tok.encode_tgt(["Zwei Hunde"])[0][1:-1]]) == ["zwei hunde"]
+    assert Tokenizer.from_dict(tok.to_dict()).lowercase  # a checkpoint keeps the setting
+    cased = load_or_train(dataclasses.replace(cfg, lowercase=False), src, tgt)  # not the cache
+    assert cased.decode_tgt([cased.encode_tgt(["Zwei Hunde"])[0][1:-1]]) == ["Zwei Hunde"]
 
 
 def test_token_batches_respect_the_budget_and_cover_every_pair():

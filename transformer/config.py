@@ -95,6 +95,9 @@ class DataConfig:
     vocab_size: int = 8000
     joint_vocab: bool = True
     tokenizer: str = field(default="unigram", metadata=_choices("unigram", "bpe"))
+    # Learn lowercased text, as the Multi30k literature does: the tokenizer lowercases all
+    # it reads (training text, sentences to translate), so translations come out lowercased.
+    lowercase: bool = False
     data_dir: str = "data"  # where downloads and tokenizer models are cached
 
     def __post_init__(self):

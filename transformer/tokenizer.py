@@ -24,10 +24,13 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 class Tokenizer:
-    """A source and a target SentencePiece model (the same one when the vocabulary is joint)."""
+    """A source and a target SentencePiece model (the same one when the vocabulary is joint),
+    and whether text is lowercased before either reads it."""
 
-    def __init__(self, src_proto: bytes, tgt_proto: bytes | None = None):
+    def __init__(self, src_proto: bytes, tgt_proto: bytes | None = None,
+                 lowercase: bool = False):
         self.joint = tgt_proto is None
+        self.lowercase = lowercase
         self.src = spm.SentencePieceProcessor(model_proto=src_proto)
         self.tgt = self.src if self.joint else spm.SentencePieceProcessor(model_proto=tgt_proto)
 
@@ -39,13 +42,16 @@ class Tokenizer:
     def tgt_vocab(self) -> int:
         return self.tgt.get_piece_size()
 
+    def _text(self, texts: list[str]) -> list[str]:
+        return [t.lower() for t in texts] if self.lowercase else texts
+
     def encode_src(self, texts: list[str]) -> list[list[int]]:
         """Source ids end with </s>, so that an empty sentence still has one token."""
-        return [ids + [EOS] for ids in self.src.encode(texts)]
+        return [ids + [EOS] for ids in self.src.encode(self._text(texts))]
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         """Target ids are <s> y_1 .. y_n </s>: the decoder reads [:-1] and predicts [1:]."""
-        return [[BOS] + ids + [EOS] for ids in self.tgt.encode(texts)]
+        return [[BOS] + ids + [EOS] for ids in self.tgt.encode(self._text(texts))]
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
         return self.tgt.decode(ids)
@@ -55,11 +61,12 @@ class Tokenizer:
         return {
             "src": self.src.serialized_model_proto(),
             "tgt": None if self.joint else self.tgt.serialized_model_proto(),
+            "lowercase": self.lowercase,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
-        return cls(d["src"], d["tgt"])
+        return cls(d["src"], d["tgt"], d.get("lowercase", False))
 
     def save(self, folder: str) -> None:
         """Write the .model files (readable by any SentencePiece tool) into a run folder."""
@@ -72,7 +79,8 @@ class Tokenizer:
 def _cache_key(cfg: DataConfig, src: list[str], tgt: list[str]) -> str:
     h = hashlib.sha1()
     settings = [cfg.corpus, cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
-                cfg.tokenizer, 1]  # the last number versions the training recipe below
+                cfg.tokenizer, cfg.lowercase,
+                1]  # the last number versions the training recipe below
     h.update(json.dumps(settings).encode())
     for line in src + ["\0"] + tgt:
         h.update(line.encode())
@@ -97,6 +105,8 @@ def load_or_train(cfg: DataConfig, src: list[str], tgt: list[str]) -> Tokenizer:
     """The tokenizer for these training sentences, from data/tokenizers/ if made before."""
     folder = os.path.join(cfg.data_dir, "tokenizers", _cache_key(cfg, src, tgt))
     names = ["joint"] if cfg.joint_vocab else ["src", "tgt"]
+    if cfg.lowercase:
+        src, tgt = [t.lower() for t in src], [t.lower() for t in tgt]
     if not os.path.isdir(folder):
         log.info("training a SentencePiece %s tokenizer (%d pieces) into %s",
                  cfg.tokenizer, cfg.vocab_size, folder)
@@ -115,4 +125,4 @@ def load_or_train(cfg: DataConfig, src: list[str], tgt: list[str]) -> Tokenizer:
     for name in names:
         with open(os.path.join(folder, f"{name}.model"), "rb") as f:
             protos.append(f.read())
-    return Tokenizer(*protos)
+    return Tokenizer(*protos, lowercase=cfg.lowercase)

@@ -143,7 +143,9 @@ class Trainer:
         n = self.t.eval_bleu_sentences or len(self.data.valid_src)
         hyps = translate(self.model, self.data.tokenizer, self.data.valid_src[:n],
                          self.cfg.decode, self.device, beam=1, precision=self.precision)
-        return score(hyps, self.data.valid_ref[:n]).bleu, hyps
+        scores = score(hyps, self.data.valid_ref[:n])
+        # a model of lowercased text is judged by the BLEU that ignores case
+        return (scores.bleu_lc if self.data.tokenizer.lowercase else scores.bleu), hyps
 
     def evaluate_and_save(self) -> None:
         """Validation loss and greedy BLEU; last.pt always, best.pt when BLEU improves.
