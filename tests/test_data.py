@@ -12,7 +12,7 @@ import pytest
 import transformer.data as data_mod
 from conftest import MULTI30K, TOY
 from transformer.batching import BatchIterator, token_batches
-from transformer.config import DataConfig
+from transformer.config import ConfigError, DataConfig
 from transformer.data import DataError, clean_verse, load_bible, load_corpus, load_local
 from transformer.tokenizer import BOS, EOS, Tokenizer, load_or_train
 
@@ -160,6 +160,21 @@ def test_a_lowercasing_tokenizer_learns_and_reads_lowercased_text(tmp_path):
     assert Tokenizer.from_dict(tok.to_dict()).lowercase  # a checkpoint keeps the setting
     cased = load_or_train(dataclasses.replace(cfg, lowercase=False), src, tgt)  # not the cache
     assert cased.decode_tgt([cased.encode_tgt(["Zwei Hunde"])[0][1:-1]]) == ["Zwei Hunde"]
+
+
+def test_a_moses_tokenizing_tokenizer_splits_punctuation_and_writes_detokenized_text(tmp_path):
+    src, tgt = ["Two dogs run.", "A dog sleeps."] * 20, ["Zwei Hunde rennen.", "Ein Hund."] * 20
+    cfg = DataConfig(corpus="files", path=TOY, src_lang="en", tgt_lang="de", vocab_size=40,
+                     data_dir=str(tmp_path), moses_tokenize=True)
+    tok = load_or_train(cfg, src, tgt)
+    assert "\u2581." in [tok.src.id_to_piece(i) for i in range(tok.src_vocab)]  # "run ." learned
+    assert tok.encode_src(["Two dogs run."]) == tok.encode_src(["Two dogs run ."])
+    ids = tok.encode_tgt(["Zwei Hunde rennen."])[0]
+    assert tok.tgt.decode(ids[1:-1]) == "Zwei Hunde rennen ."  # what the model writes
+    assert tok.decode_tgt([ids[1:-1]]) == ["Zwei Hunde rennen."]  # what the user reads
+    assert Tokenizer.from_dict(tok.to_dict()).moses == ("en", "de")  # kept in checkpoints
+    with pytest.raises(ConfigError, match="data.moses_tokenize"):
+        DataConfig(corpus="bible", moses_tokenize=True)
 
 
 def test_token_batches_respect_the_budget_and_cover_every_pair():

@@ -98,6 +98,9 @@ class DataConfig:
     # Learn lowercased text, as the Multi30k literature does: the tokenizer lowercases all
     # it reads (training text, sentences to translate), so translations come out lowercased.
     lowercase: bool = False
+    # Split punctuation from words with the Moses tokenizer before the subword model reads
+    # text, as the Multi30k literature's preprocessing did; translations are detokenized.
+    moses_tokenize: bool = False
     data_dir: str = "data"  # where downloads and tokenizer models are cached
 
     def __post_init__(self):
@@ -109,6 +112,8 @@ class DataConfig:
               "positive sizes", (self.valid_size, self.test_size))
         _need(self.src_lang != self.tgt_lang or self.corpus == "files", "data.tgt_lang",
               "a language other than data.src_lang", self.tgt_lang)
+        _need(not (self.moses_tokenize and self.corpus == "bible"), "data.moses_tokenize",
+              "false for the Bible, whose languages are translation codes", self.moses_tokenize)
         if self.corpus == "files":
             _need(self.path is not None, "data.path", "the folder of your parallel files",
                   self.path)
