@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from .tokenizer import moses
+from .tokenizer import prepare_text
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,7 @@ def moses_tokenize(lines: list[str], lang: str) -> list[str]:
     normalize-punctuation.perl -l lang, then tokenizer.perl -l lang (escaping & ' " as
     &amp; &apos; &quot;), here by sacremoses. On the corpus' raw German references it gives
     the files in tok/ line for line (3,474 of the 3,475 lines of val and the three tests)."""
-    normalizer, tokenizer, _ = moses(lang)
-    return [tokenizer.tokenize(normalizer.normalize(line.lower()), return_str=True, escape=True)
-            for line in lines]
+    return prepare_text(lines, lowercase=True, moses_lang=lang, escape=True)
 
 
 def moses_bleu(hypotheses: list[str], tokenized_refs: list[str], lang: str) -> tuple[float, str]:

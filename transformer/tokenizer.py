@@ -33,14 +33,16 @@ def moses(lang: str):
     return MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang), MosesDetokenizer(lang=lang)
 
 
-def prepare_text(texts: list[str], lowercase: bool, moses_lang: str | None) -> list[str]:
+def prepare_text(texts: list[str], lowercase: bool, moses_lang: str | None,
+                 escape: bool = False) -> list[str]:
     """The text as the subword model reads it: lowercased, and with punctuation normalised
-    and split from words by the Moses tokenizer ("Strand." -> "Strand ."), where asked."""
+    and split from words by the Moses tokenizer ("Strand." -> "Strand ."), where asked.
+    escape: write & ' " as the Moses tokenizer's &amp; &apos; &quot; (for scoring only)."""
     if lowercase:
         texts = [t.lower() for t in texts]
     if moses_lang:
         normalizer, tokenizer, _ = moses(moses_lang)
-        texts = [tokenizer.tokenize(normalizer.normalize(t), return_str=True, escape=False)
+        texts = [tokenizer.tokenize(normalizer.normalize(t), return_str=True, escape=escape)
                  for t in texts]
     return texts
 
