@@ -101,6 +101,9 @@ def test_overrides_are_typed():
     ("train:\n  betas: [0.9, x]\n", r"train.betas: expected float, got 'x'"),
     ("train:\n  betas: [0.9, .inf]\n", r"train.betas: expected a finite number, got inf"),
     ("train:\n  betas: [0.9]\n", r"train.betas: expected two numbers in \[0, 1\)"),
+    ("train:\n  schedule: cosine\n", r"train.max_steps: expected more than train.warmup_steps "
+     r"for the cosine schedule"),
+    ("train:\n  schedule: linear\n", r"train.schedule: expected one of inverse_sqrt, cosine"),
     ("- just\n- a list\n", r"expected a mapping"),
 ])
 def test_bad_values_raise_one_error_naming_file_and_key(tmp_path, text, message):

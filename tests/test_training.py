@@ -21,7 +21,14 @@ from transformer.checkpoint import (
 )
 from transformer.config import load_config, to_dict
 from transformer.decode import greedy_decode, translate
-from transformer.step import Totals, inverse_sqrt_schedule, loss_fn, make_optimizer, train_step
+from transformer.step import (
+    Totals,
+    cosine_schedule,
+    inverse_sqrt_schedule,
+    loss_fn,
+    make_optimizer,
+    train_step,
+)
 
 
 def test_overfits_one_tiny_batch():
@@ -68,6 +75,14 @@ def test_schedule_warms_up_then_decays_as_inverse_sqrt():
     f = inverse_sqrt_schedule(100)
     assert f(0) == pytest.approx(0.01) and f(99) == pytest.approx(1.0)
     assert f(399) == pytest.approx(0.5)  # sqrt(100 / 400)
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_max_steps():
+    f = cosine_schedule(100, 1100)
+    assert f(0) == pytest.approx(0.01) and f(99) == pytest.approx(1.0)
+    assert f(599) == pytest.approx(0.5)  # halfway down: cos(pi / 2)
+    assert f(1099) == pytest.approx(0.0, abs=1e-12) and f(1500) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(s) >= f(s + 1) for s in range(99, 1100))
 
 
 def _trained_tiny(tmp_path, steps=40):

@@ -131,6 +131,9 @@ class TrainConfig:
     accumulate: int = 1
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     warmup_steps: int = 1000
+    # After warmup, inverse_sqrt: lr / sqrt(step) (the paper's); cosine: half a cosine down
+    # to 0 at max_steps, which it needs.
+    schedule: str = field(default="inverse_sqrt", metadata=_choices("inverse_sqrt", "cosine"))
     betas: tuple = (0.9, 0.98)
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
@@ -179,6 +182,9 @@ class TrainConfig:
         for key in ("max_steps", "max_minutes", "clip_norm", "threads", "eval_bleu_sentences",
                     "keep_checkpoints", "save_every", "patience"):
             _need(getattr(self, key) >= 0, f"train.{key}", "0 or more", getattr(self, key))
+        _need(self.schedule != "cosine" or self.max_steps > self.warmup_steps,
+              "train.max_steps", "more than train.warmup_steps for the cosine schedule, "
+              "which ends at max_steps", self.max_steps)
 
 
 @dataclass(frozen=True)

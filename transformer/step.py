@@ -221,9 +221,28 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return factor
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int):
-    """The learning rate of each update: train.lr times inverse_sqrt_schedule."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(warmup_steps))
+def cosine_schedule(warmup_steps: int, max_steps: int):
+    """lr factor: linear warmup to 1, then half a cosine down to 0 at max_steps.
+
+    For a run of known length (Loshchilov and Hutter, 2017; nanoGPT's schedule): the
+    learning rate is still large mid-run and small in the last updates, which settle.
+    """
+    def factor(step: int) -> float:
+        step += 1
+        if step < warmup_steps:
+            return step / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    return factor
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """The learning rate of each update: train.lr times the factor of train.schedule."""
+    if cfg.schedule == "cosine":
+        factor = cosine_schedule(cfg.warmup_steps, cfg.max_steps)
+    else:
+        factor = inverse_sqrt_schedule(cfg.warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()

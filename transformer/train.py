@@ -84,7 +84,7 @@ class Trainer:
         if self.dist.rank:  # all start from process 0's weights (DDP copies them)...
             torch.manual_seed(self.t.seed + self.dist.rank)  # ...and draw their own dropout
         self.optimizer = make_optimizer(self.model, self.t)
-        self.scheduler = make_schedule(self.optimizer, self.t.warmup_steps)
+        self.scheduler = make_schedule(self.optimizer, self.t)
         # fp16 has too few exponent bits for small gradients: scale the loss up first.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.totals = Totals.zeros(self.device)  # loss and skipped batches, on the device
