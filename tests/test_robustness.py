@@ -19,6 +19,7 @@ from conftest import MULTI30K, ROOT, TINY_CONFIG, TOY
 from transformer.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from transformer.config import ConfigError, load_config
 from transformer.runs import Position
+from transformer.step import cosine_schedule
 from transformer.train import RunError, Trainer, make_run_dir, resume, train, train_step
 
 
@@ -63,6 +64,26 @@ def test_resume_gives_the_same_losses_and_weights(tmp_path, device):
         assert len(a["rng"]["cuda"]) == torch.cuda.device_count()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_cosine_run_falls_to_zero_at_max_steps_and_resumes_on_its_schedule(tmp_path):
+    # The second run stops at its epoch budget, far from max_steps, and is resumed with a
+    # larger one: its learning rates (logged after each update: the next update's) are the
+    # uninterrupted run's, along the cosine that ends at max_steps.
+    common = ["train.batch_tokens=4096", "train.eval_every=1000", "train.schedule=cosine",
+              "train.warmup_steps=4", "train.max_steps=20"]
+    one = train(_cfg(tmp_path, "train.name=one", *common))
+    two = train(_cfg(tmp_path, "train.name=two", "train.max_epochs=1", *common))
+    assert 4 < load_checkpoint(os.path.join(two, "last.pt"))["step"] < 20
+    resume(two, ["train.max_epochs=100"])
+    lr = _cfg(tmp_path).train.lr
+    factor = cosine_schedule(4, 20)
+    for run in (one, two):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            lrs = {r["step"]: r["lr"] for r in map(json.loads, f) if "lr" in r}
+        assert lrs == pytest.approx({step: lr * factor(step) for step in range(1, 21)})
+        assert lrs[20] == pytest.approx(0.0, abs=1e-12)
+    assert _losses(one) == _losses(two)
 
 
 def test_where_a_run_stands_round_trips_and_older_checkpoints_still_resume():
