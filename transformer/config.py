@@ -131,8 +131,8 @@ class TrainConfig:
     accumulate: int = 1
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     warmup_steps: int = 1000
-    # After warmup, inverse_sqrt: lr / sqrt(step) (the paper's); cosine: half a cosine down
-    # to 0 at max_steps, which it needs.
+    # After warmup, inverse_sqrt: lr * sqrt(warmup_steps / step) (the paper's); cosine: half
+    # a cosine down to 0 at max_steps, which it needs.
     schedule: str = field(default="inverse_sqrt", metadata=_choices("inverse_sqrt", "cosine"))
     betas: tuple = (0.9, 0.98)
     weight_decay: float = 0.0

@@ -231,7 +231,7 @@ def cosine_schedule(warmup_steps: int, max_steps: int):
         step += 1
         if step < warmup_steps:
             return step / warmup_steps
-        done = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        done = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * done))
     return factor
 
